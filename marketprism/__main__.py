@@ -1,0 +1,3 @@
+from marketprism.ops.cli import main
+
+raise SystemExit(main())

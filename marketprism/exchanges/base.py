@@ -1,0 +1,169 @@
+"""What every exchange feed shares: the Feed interface the collector and `replay` drive, and small
+pure helpers (symbol normalization, gap records, top-N book records).
+
+A Feed turns raw exchange text into records. It holds only the state continuity needs (books, last
+sequence, ticker state) and does no I/O: the collector (or replay) hands it every WS frame and REST
+body, asks it which REST requests it needs (book snapshots) and which frames to send back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+
+from marketprism.book import Book
+from marketprism.records import Gap, OrderBook, Record
+
+QUOTES = ("USDT", "USDC", "FDUSD", "TUSD", "BUSD", "USD", "DAI", "BTC", "ETH", "BNB", "EUR", "TRY", "BRL", "JPY")
+
+
+class Unparseable(ValueError):
+    """A frame that cannot be turned into records; the argument is a short reason for the counter."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One WebSocket connection: a path appended to the feed's WS base URL and frames sent after connect."""
+    path: str
+    messages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Poll:
+    """A REST request (path with query, appended to the feed's REST base URL) repeated every interval_s."""
+    path: str
+    interval_s: float
+
+
+def split_symbol(instrument: str) -> str:
+    """BTCUSDT -> BTC-USDT by the longest known quote suffix (used where no instrument list is loaded)."""
+    for quote in sorted(QUOTES, key=len, reverse=True):
+        if instrument.endswith(quote) and len(instrument) > len(quote):
+            return f"{instrument[:-len(quote)]}-{quote}"
+    return instrument
+
+
+def query_params(source: str | None) -> dict[str, str]:
+    if not source:
+        return {}
+    return {k: v[0] for k, v in parse_qs(urlsplit(source).query).items()}
+
+
+def source_path(source: str | None) -> str:
+    return urlsplit(source).path if source else ""
+
+
+def plain_decimal(value) -> str:
+    """A JSON number or string as an exact plain decimal string (no exponent)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        raise Unparseable("not a number")
+    try:
+        d = value if isinstance(value, Decimal) else Decimal(str(value))
+    except InvalidOperation:
+        raise Unparseable("not a number") from None
+    text = format(d, "f")
+    return text
+
+
+def multiply(a: str, b: str) -> str:
+    """Exact product of two decimal strings."""
+    return format(Decimal(a) * Decimal(b), "f")
+
+
+def as_int(value) -> int:
+    if isinstance(value, bool):
+        raise Unparseable("not an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Unparseable("not an integer") from None
+
+
+class Feed:
+    """Base of one exchange feed (binance_spot, okx, ...). Subclasses implement `_handle`."""
+
+    name = ""
+    exchange = ""
+    ping_frame: str | None = None
+    ping_interval_s = 0.0
+
+    def __init__(self, depth: int = 400, book_interval_ms: int = 0) -> None:
+        self.depth = depth
+        self.book_interval_ms = book_interval_ms
+        self.errors: Counter[str] = Counter()
+        self._requests: list[str] = []
+        self._outgoing: list[str] = []
+        self._dirty: dict[str, tuple] = {}  # instrument -> (symbol, market_type, book, sequence, ts, received_at)
+
+    # -- the interface the collector and replay use ---------------------------------------------------
+    def subscriptions(self, symbols: tuple[str, ...], data_types: tuple[str, ...]) -> list[Subscription]:
+        return []
+
+    def polls(self, symbols: tuple[str, ...], data_types: tuple[str, ...]) -> list[Poll]:
+        return []
+
+    def on_message(self, data: bytes | str, source: str | None, received_at: int) -> list[Record]:
+        """Records from one frame or REST body; a bad frame is counted in `errors` and gives []."""
+        try:
+            return self._handle(data, source, received_at)
+        except Unparseable as e:
+            self.errors[str(e) or "unparseable"] += 1
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            self.errors["invalid json"] += 1
+        except (msgspec.ValidationError, KeyError, TypeError, ValueError, IndexError, AttributeError,
+                InvalidOperation, ArithmeticError):
+            self.errors["unexpected shape"] += 1
+        return []
+
+    def on_disconnect(self, at_ms: int) -> list[Record]:
+        """Gap records for every stream that loses continuity when the connection drops."""
+        return []
+
+    def take_requests(self) -> list[str]:
+        """REST paths (with query) the feed needs fetched now, e.g. book snapshots for a resync."""
+        out, self._requests = self._requests, []
+        return out
+
+    def take_outgoing(self) -> list[str]:
+        """Frames to send on the connection that delivered the last message (heartbeat answers)."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def flush_books(self) -> list[Record]:
+        """Books changed since the last flush (the collector calls this every book_interval_ms)."""
+        out = [self._book_record(*entry) for entry in self._dirty.values()]
+        self._dirty.clear()
+        return out
+
+    # -- for subclasses -------------------------------------------------------------------------------
+    def _handle(self, data: bytes | str, source: str | None, received_at: int) -> list[Record]:
+        raise NotImplementedError
+
+    def _book_changed(self, out: list[Record], instrument: str, symbol: str, market_type: str, book: Book,
+                      sequence: int, timestamp: int, received_at: int) -> None:
+        """Emit the top-N book now (replay, interval 0) or mark it for the next flush."""
+        entry = (instrument, symbol, market_type, book, sequence, timestamp, received_at)
+        if self.book_interval_ms <= 0:
+            out.append(self._book_record(*entry))
+        else:
+            self._dirty[instrument] = entry
+
+    def _book_record(self, instrument, symbol, market_type, book, sequence, timestamp, received_at) -> OrderBook:
+        bids, asks = book.top(self.depth)
+        return OrderBook(exchange=self.exchange, market_type=market_type, symbol=symbol, instrument=instrument,
+                         timestamp=timestamp, received_at=received_at, sequence=sequence, bids=bids, asks=asks)
+
+    def _gap(self, instrument: str, symbol: str, market_type: str, stream_type: str, reason: str,
+             started_at: int, ended_at: int, received_at: int, from_sequence: int | None = None,
+             to_sequence: int | None = None) -> Gap:
+        if stream_type == "orderbook":
+            self._dirty.pop(instrument, None)  # a broken book must not be flushed after its gap
+        return Gap(exchange=self.exchange, market_type=market_type, symbol=symbol, instrument=instrument,
+                   timestamp=ended_at, received_at=received_at, stream_type=stream_type, reason=reason,
+                   from_sequence=from_sequence, to_sequence=to_sequence, started_at=started_at, ended_at=ended_at)

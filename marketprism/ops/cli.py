@@ -1,0 +1,138 @@
+"""`marketprism` command line: one entry point, one sub-command per role or task."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import urllib.error
+import urllib.request
+
+from loguru import logger
+
+from marketprism import settings as settings_mod
+from marketprism.settings import FEEDS, ConfigError
+
+ROLES = ("collector", "storage-hot")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build() -> argparse.ArgumentParser:
+    p = Parser(prog="marketprism", description="Crypto market data: exchanges -> NATS JetStream -> ClickHouse")
+    p.add_argument("--config", help="YAML settings file (also MARKETPRISM_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.add_parser("run", help="all roles in one process (managed nats-server, chDB)")
+    for role in ROLES:
+        r = sub.add_parser(role, help=f"the {role} role")
+        r.add_argument("--check", action="store_true", help="exit 0 if this role's /health says it is up")
+    i = sub.add_parser("init", help="create/update NATS streams and the ClickHouse schema (idempotent)")
+    i.add_argument("--streams", action="store_true", help="only the NATS streams and consumers")
+    i.add_argument("--schema", action="store_true", help="only the ClickHouse schema")
+    r = sub.add_parser("replay", help="raw recordings -> normalized JSON Lines on stdout")
+    r.add_argument("--exchange", required=True, choices=FEEDS, metavar="FEED", help=f"one of {', '.join(FEEDS)}")
+    r.add_argument("--depth", type=int, default=400, help="order book levels per side (default 400)")
+    r.add_argument("files", nargs="+", metavar="FILE")
+    q = sub.add_parser("query", help="run a read-only SQL query against the store")
+    q.add_argument("sql")
+    s = sub.add_parser("simulate", help="local exchange simulator speaking each venue's protocol")
+    _sim_arguments(s)
+    return p
+
+
+def _sim_arguments(parser) -> None:
+    try:
+        from marketprism import sim
+        sim.add_arguments(parser)
+    except (ImportError, AttributeError):  # TEMP until the simulator lands
+        pass
+
+
+def _setup_logging(level: str) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level=level.upper(),
+               format="{time:YYYY-MM-DDTHH:mm:ss.SSS} {level} {name}: {message}")
+
+
+def _check(settings, role: str) -> int:
+    url = f"http://127.0.0.1:{settings.port_for(role)}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return 0 if resp.status == 200 else 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"marketprism: {role} health at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+
+
+def _query(settings, sql: str) -> int:
+    from pathlib import Path
+
+    from marketprism.ops.lock import InstanceLock
+    from marketprism.store.client import Store, connect
+    holder = InstanceLock(Path(settings.data_dir)).holder() if not settings.clickhouse_url else {}
+    if holder.get("port"):  # the embedded run holds chDB: ask it
+        req = urllib.request.Request(f"http://127.0.0.1:{holder['port']}/query", data=sql.encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                sys.stdout.buffer.write(resp.read())
+                return 0
+        except urllib.error.HTTPError as e:
+            print(f"marketprism: query failed: {e.read().decode().strip()}", file=sys.stderr)
+            return 1
+    store = Store(connect(settings.store_url, readonly=True))
+    try:
+        sys.stdout.buffer.write(store.raw_query(sql, {"readonly": 1}))
+    except Exception as e:  # noqa: BLE001 - one line for the operator
+        print(f"marketprism: query failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def dispatch(args, settings) -> int:
+    from marketprism.ops import roles
+    cmd = args.command
+    if cmd == "replay":
+        from marketprism import replay
+        return replay.run(args.exchange, args.files, args.depth)
+    if cmd == "query":
+        return _query(settings, args.sql)
+    _setup_logging(settings.log_level)
+    if cmd in ROLES and args.check:
+        return _check(settings, cmd)
+    if cmd == "init":
+        both = not (args.streams or args.schema)
+        for line in asyncio.run(roles.init(settings, both or args.streams, both or args.schema)):
+            print(line)
+        return 0
+    if cmd == "simulate":
+        from marketprism import sim
+        asyncio.run(sim.serve(args))
+        return 0
+    runner = {"run": roles.run_embedded, "collector": roles.run_collector, "storage-hot": roles.run_storage_hot}[cmd]
+    asyncio.run(runner(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build().parse_args(argv)
+    try:
+        settings = settings_mod.load(args.config)
+        return dispatch(args, settings)
+    except ConfigError as e:
+        print(f"marketprism: configuration error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"marketprism: {e.filename or e}: {e.strerror or 'not found'}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - roles raise one-line errors; never a traceback for the operator
+        from marketprism.ops.lock import LockedError
+        from marketprism.store.client import StoreError
+        if isinstance(e, (StoreError, LockedError, ConnectionError, OSError, ValueError)):
+            print(f"marketprism: {e}", file=sys.stderr)
+            return 1
+        raise

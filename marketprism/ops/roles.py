@@ -1,0 +1,174 @@
+"""The roles as asyncio programs: run (embedded all-in-one), collector, storage-hot, init.
+
+Lifecycle: bounded connect retries, signal handlers that drain (stop fetching -> flush -> ack -> close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from loguru import logger
+
+from marketprism.bus import streams
+from marketprism.bus.publisher import Publisher
+from marketprism.bus.server import NatsServer
+from marketprism.collector.service import Collector
+from marketprism.ops.health import HealthServer
+from marketprism.ops.lock import InstanceLock
+from marketprism.ops import metrics
+from marketprism.settings import Settings
+from marketprism.store import schema
+from marketprism.store.client import Store, connect, redact
+from marketprism.store.hot import HotWriter
+
+
+def _on_signals(stop) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+
+
+async def _nats(settings: Settings, name: str, url: str | None = None):
+    url = url or settings.nats_url
+    if not url:
+        raise ValueError("nats_url: MARKETPRISM_NATS_URL is required for this role")
+    for attempt in range(10):
+        try:
+            return await streams.connect(url, settings.nats_user, settings.nats_password, name=name)
+        except Exception as e:  # noqa: BLE001 - nats-py raises several types for "not reachable"
+            if attempt == 9:
+                raise ConnectionError(f"cannot reach NATS at {redact(url)}: {e or type(e).__name__}") from None
+            logger.warning("NATS at {} not reachable yet ({}), retrying", redact(url), e or type(e).__name__)
+            await asyncio.sleep(min(5.0, 0.5 * 2 ** attempt))
+
+
+def _store(settings: Settings) -> Store:
+    return Store(connect(settings.store_url))
+
+
+async def init(settings: Settings, do_streams: bool = True, do_schema: bool = True) -> list[str]:
+    done = []
+    if do_streams:
+        nc = await _nats(settings, "marketprism-init")
+        done += await streams.ensure(nc)
+        await nc.drain()
+    if do_schema:
+        store = _store(settings)
+        await asyncio.to_thread(schema.apply, store.client, settings.hot_ttl_days)
+        store.close()
+        done.append(f"schema applied to {redact(settings.store_url)} (hot TTL {settings.hot_ttl_days} d)")
+    return done
+
+
+async def _collector_part(settings: Settings, nc):
+    publisher = Publisher(nc, max_pending=settings.publish_max_pending)
+    await publisher.start()
+
+    async def publish(subject, payload, msg_id):
+        await publisher.publish(subject, payload, msg_id)
+        metrics.PUBLISH_PENDING.set(len(publisher.pending))
+
+    return publisher, Collector(settings, publish)
+
+
+def _collector_health(collector: Collector, publisher: Publisher, nc):
+    def section() -> dict:
+        body = collector.health()
+        status = collector.coverage.status()
+        if collector.blocked and status == "healthy":
+            status = "degraded"
+        if not nc.is_connected:
+            status = "degraded"
+        return {"status": status, "nats_connected": nc.is_connected, "publish_pending": len(publisher.pending),
+                "published_acked": publisher.acked, **body}
+    return section
+
+
+def _hot_health(writer: HotWriter, nc):
+    def section() -> dict:
+        status = "healthy" if nc.is_connected and not writer.failures else "degraded"
+        return {"status": status, "nats_connected": nc.is_connected, **writer.health()}
+    return section
+
+
+async def run_collector(settings: Settings, nc=None) -> None:
+    own = nc is None
+    nc = nc or await _nats(settings, "marketprism-collector")
+    publisher, collector = await _collector_part(settings, nc)
+    health = HealthServer(settings.health_host, settings.port_for("collector"),
+                          {"collector": _collector_health(collector, publisher, nc)})
+    await health.start()
+    _on_signals(collector.stop)
+    await collector.run()
+    logger.info("collector stopping: waiting for {} unacknowledged publishes", len(publisher.pending))
+    await publisher.flush()
+    await publisher.close()
+    await health.stop()
+    if own:
+        await nc.drain()
+
+
+async def run_storage_hot(settings: Settings) -> None:
+    nc = await _nats(settings, "marketprism-storage-hot")
+    store = _store(settings)
+    writer = HotWriter(nc, store, settings.batch_rows, settings.flush_interval_s)
+    health = HealthServer(settings.health_host, settings.port_for("storage-hot"), {"storage_hot": _hot_health(writer, nc)})
+    await health.start()
+    _on_signals(writer.stop)
+    await writer.run()
+    await health.stop()
+    await nc.drain()
+    store.close()
+
+
+async def run_embedded(settings: Settings) -> None:
+    """Every role in one process: managed nats-server (unless a URL is set), chDB, collector, storage-hot."""
+    data = Path(settings.data_dir)
+    lock = InstanceLock(data)
+    lock.acquire()
+    server = None
+    try:
+        url = settings.nats_url
+        if not url:
+            server = NatsServer(str(data / "nats"), settings.embedded_nats_port)
+            await server.start()
+            url = server.url
+            logger.info("managed nats-server pid {} on {}", server.pid, url)
+        nc = await _nats(settings, "marketprism-run", url)
+        await streams.ensure(nc)
+        store = _store(settings)
+        await asyncio.to_thread(schema.apply, store.client, settings.hot_ttl_days)
+        publisher, collector = await _collector_part(settings, nc)
+        writer = HotWriter(nc, store, settings.batch_rows, settings.flush_interval_s)
+        health = HealthServer(settings.health_host, settings.port_for("run"),
+                              {"collector": _collector_health(collector, publisher, nc),
+                               "storage_hot": _hot_health(writer, nc)}, store=store)
+        await health.start()
+        lock.write_port(health.port)
+        logger.info("marketprism run: health on http://{}:{}/health, store {}", settings.health_host, health.port,
+                    redact(settings.store_url))
+        stopped = asyncio.Event()
+        _on_signals(stopped.set)
+        tasks = [asyncio.create_task(collector.run()), asyncio.create_task(writer.run())]
+        waiter = asyncio.create_task(stopped.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not waiter and t.exception():
+                logger.error("a role failed: {}", t.exception())
+        # Drain in order: no new records, everything published is acked, everything fetched is stored.
+        collector.stop()
+        await tasks[0]
+        await publisher.flush()
+        await publisher.close()
+        await asyncio.sleep(settings.flush_interval_s * 2)
+        writer.stop()
+        await tasks[1]
+        await health.stop()
+        await nc.drain()
+        store.close()
+    finally:
+        if server:
+            server.stop()
+        lock.release()
