@@ -1,6 +1,7 @@
 -- Applied once per tier: {db} is marketprism_hot or marketprism_cold, {ttl} the hot TTL clause or empty.
 -- Decimals are exact (Decimal(38,18) holds every value the venues publish); times are UTC milliseconds.
 -- ReplacingMergeTree on the dedup key of DESIGN.md §3: a record inserted twice collapses to one row.
+-- Book levels are unnamed (price, quantity) tuples: JSONEachRow then reads the records' [price, qty] arrays.
 
 CREATE TABLE IF NOT EXISTS {db}.trades (
     exchange LowCardinality(String), market_type LowCardinality(String), symbol LowCardinality(String),
@@ -16,8 +17,8 @@ CREATE TABLE IF NOT EXISTS {db}.orderbooks (
     exchange LowCardinality(String), market_type LowCardinality(String), symbol LowCardinality(String),
     instrument LowCardinality(String), timestamp DateTime64(3, 'UTC'), received_at DateTime64(3, 'UTC'),
     sequence Int64,
-    bids Array(Tuple(price Decimal(38, 18), quantity Decimal(38, 18))),
-    asks Array(Tuple(price Decimal(38, 18), quantity Decimal(38, 18))),
+    bids Array(Tuple(Decimal(38, 18), Decimal(38, 18))),
+    asks Array(Tuple(Decimal(38, 18), Decimal(38, 18))),
     INDEX ts_minmax timestamp TYPE minmax GRANULARITY 1
 ) ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(timestamp)

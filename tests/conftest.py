@@ -16,6 +16,7 @@ from marketprism.store import schema
 from marketprism.store.client import Store, connect
 
 FIXTURES = Path(__file__).parent / "fixtures"
+TEST_TTL_DAYS = 3650  # receipt times in replayed fixtures are old; DateTime ends in 2106, so not more
 
 
 def fixture_lines(relpath: str) -> list[bytes]:
@@ -36,7 +37,7 @@ async def nats_server(tmp_path):
 def store_session(tmp_path_factory):
     path = tmp_path_factory.mktemp("chdb") / "clickhouse"
     store = Store(connect(f"chdb://{path}"))
-    schema.apply(store.client, 3)
+    schema.apply(store.client, TEST_TTL_DAYS)
     store.url = f"chdb://{path}"
     yield store
     store.close()

@@ -49,7 +49,7 @@ class RecordedBinance:
     async def start(self) -> str:
         app = web.Application()
         app.add_routes([web.get("/stream", self._ws), web.get("/api/v3/depth", self._depth)])
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

@@ -57,8 +57,10 @@ class Collector:
             await asyncio.gather(*jobs)
             for task in list(self._tasks):
                 task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def stop(self) -> None:
+        """Stop reading; every loop notices within a second."""
         self.stopping.set()
 
     async def emit(self, feed: Feed, recs: list[records.Record]) -> None:
@@ -109,6 +111,7 @@ class Collector:
                 logger.warning("{}: connection to {} failed: {}", feed.name, url, e or type(e).__name__)
             finally:
                 self.connected.pop(url, None)
+                # Continuity ends here whether we chose to stop or the peer dropped us: both are gaps.
                 await self.emit(feed, feed.on_disconnect(now_ms()))
             if self.stopping.is_set():
                 break
@@ -124,15 +127,18 @@ class Collector:
             for frame in sub.messages:
                 await ws.send_str(frame)
             pinger = asyncio.create_task(self._ping(ws, feed)) if feed.ping_frame else None
-            opened = time.monotonic()
+            opened = last = time.monotonic()
             try:
                 while not self.stopping.is_set() and time.monotonic() - opened < MAX_CONNECTION_AGE_S:
-                    try:
-                        msg = await ws.receive(timeout=self.settings.idle_timeout_s)
+                    try:  # short waits so that a stop is noticed within a second
+                        msg = await ws.receive(timeout=1.0)
                     except asyncio.TimeoutError:
-                        logger.warning("{}: no data for {}s on {}, reconnecting", feed.name,
-                                       self.settings.idle_timeout_s, url)
-                        return
+                        if time.monotonic() - last > self.settings.idle_timeout_s:
+                            logger.warning("{}: no data for {}s on {}, reconnecting", feed.name,
+                                           self.settings.idle_timeout_s, url)
+                            return
+                        continue
+                    last = time.monotonic()
                     if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                         for frame in await self._handle(feed, msg.data, url):
                             await ws.send_str(frame)

@@ -114,10 +114,12 @@ class Feed:
             return self._handle(data, source, received_at)
         except Unparseable as e:
             self.errors[str(e) or "unparseable"] += 1
+        except (msgspec.ValidationError, KeyError, TypeError, IndexError, AttributeError, InvalidOperation,
+                ArithmeticError):  # ValidationError first: it is a subclass of DecodeError
+            self.errors["unexpected shape"] += 1
         except (msgspec.DecodeError, UnicodeDecodeError):
             self.errors["invalid json"] += 1
-        except (msgspec.ValidationError, KeyError, TypeError, ValueError, IndexError, AttributeError,
-                InvalidOperation, ArithmeticError):
+        except ValueError:
             self.errors["unexpected shape"] += 1
         return []
 

@@ -38,17 +38,9 @@ def build() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="FILE")
     q = sub.add_parser("query", help="run a read-only SQL query against the store")
     q.add_argument("sql")
-    s = sub.add_parser("simulate", help="local exchange simulator speaking each venue's protocol")
-    _sim_arguments(s)
+    from marketprism import sim
+    sim.add_arguments(sub.add_parser("simulate", help="local exchange simulator speaking each venue's protocol"))
     return p
-
-
-def _sim_arguments(parser) -> None:
-    try:
-        from marketprism import sim
-        sim.add_arguments(parser)
-    except (ImportError, AttributeError):  # TEMP until the simulator lands
-        pass
 
 
 def _setup_logging(level: str) -> None:

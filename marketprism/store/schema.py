@@ -30,7 +30,8 @@ def render(hot_ttl_days: int) -> list[str]:
     d = ddl_dir()
     out = statements((d / "00_databases.sql").read_text())
     tables = (d / "10_tables.sql").read_text()
-    ttl = f"TTL toDateTime(timestamp) + INTERVAL {int(hot_ttl_days)} DAY"
+    # TTL on the receipt time: a late or re-ingested row still gets its full hot lifetime for the archiver.
+    ttl = f"TTL toDateTime(received_at) + INTERVAL {int(hot_ttl_days)} DAY"
     out += statements(tables.replace("{db}", HOT).replace("{ttl}", ttl))
     out += statements(tables.replace("{db}", COLD).replace("{ttl}", ""))
     out += statements((d / "20_ingest.sql").read_text().replace("{db}", HOT))
@@ -45,12 +46,12 @@ def apply(client, hot_ttl_days: int) -> None:
 
 def _sync_ttl(client, hot_ttl_days: int) -> None:
     """CREATE IF NOT EXISTS keeps an old TTL: bring every hot table to the configured one."""
-    want = f"toDateTime(timestamp) + toIntervalDay({int(hot_ttl_days)})"
+    want = f"toDateTime(received_at) + toIntervalDay({int(hot_ttl_days)})"
     rows = client.query(f"SELECT name, create_table_query FROM system.tables WHERE database = '{HOT}' "
                         "AND engine = 'ReplacingMergeTree'").result_rows
     for name, create in rows:
         if want not in create:
-            client.command(f"ALTER TABLE {HOT}.{name} MODIFY TTL toDateTime(timestamp) + INTERVAL "
+            client.command(f"ALTER TABLE {HOT}.{name} MODIFY TTL toDateTime(received_at) + INTERVAL "
                            f"{int(hot_ttl_days)} DAY SETTINGS materialize_ttl_after_modify = 0")
 
 
