@@ -76,7 +76,7 @@ def _query(settings, sql: str) -> int:
             return 1
     store = Store(connect(settings.store_url, readonly=True))
     try:
-        sys.stdout.buffer.write(store.raw_query(sql, {"readonly": 1}))
+        sys.stdout.buffer.write(store.raw_query(sql))
     except Exception as e:  # noqa: BLE001 - one line for the operator
         print(f"marketprism: query failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1

@@ -9,8 +9,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ORDER = {"healthy": 0, "starting": 1, "degraded": 2, "unhealthy": 3}
-QUERY_MAX_ROWS = 100_000
-QUERY_MAX_SECONDS = 30
 
 
 def overall(sections: dict[str, dict]) -> str:
@@ -21,6 +19,7 @@ def overall(sections: dict[str, dict]) -> str:
 
 class HealthServer:
     def __init__(self, host: str, port: int, sections: dict[str, Callable[[], dict]], store=None) -> None:
+        """store: a read-only Store; when given, POST /query serves `marketprism query` (embedded run)."""
         self.host, self.port = host, port
         self.sections = sections
         self.store = store
@@ -39,10 +38,8 @@ class HealthServer:
 
     async def _query(self, request: web.Request) -> web.Response:
         sql = (await request.text()).strip()
-        settings = {"readonly": 1, "max_result_rows": QUERY_MAX_ROWS, "result_overflow_mode": "break",
-                    "max_execution_time": QUERY_MAX_SECONDS}
         try:
-            out = await asyncio.to_thread(self.store.raw_query, sql, settings)
+            out = await asyncio.to_thread(self.store.raw_query, sql)
         except Exception as e:  # noqa: BLE001 - the caller gets the one-line reason
             return web.Response(status=400, text=str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
         return web.Response(body=out, content_type="text/tab-separated-values")

@@ -144,7 +144,8 @@ async def run_embedded(settings: Settings) -> None:
         writer = HotWriter(nc, store, settings.batch_rows, settings.flush_interval_s)
         health = HealthServer(settings.health_host, settings.port_for("run"),
                               {"collector": _collector_health(collector, publisher, nc),
-                               "storage_hot": _hot_health(writer, nc)}, store=store)
+                               "storage_hot": _hot_health(writer, nc)},
+                              store=Store(connect(settings.store_url, readonly=True)))
         await health.start()
         lock.write_port(health.port)
         logger.info("marketprism run: health on http://{}:{}/health, store {}", settings.health_host, health.port,

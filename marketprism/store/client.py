@@ -23,13 +23,19 @@ def redact(url: str) -> str:
     return url
 
 
+QUERY_LIMITS = {"max_result_rows": 100_000, "result_overflow_mode": "break", "max_execution_time": 30}
+
+
 def connect(url: str, readonly: bool = False):
-    """A clickhouse-connect client; chDB directories are created on first use."""
-    settings = {"readonly": 1} if readonly else {}
+    """A clickhouse-connect client; chDB directories are created on first use.
+
+    A readonly client is a separate session (settings are per session, also in chDB): its limits are set
+    first because nothing can be changed once readonly=1 is in force."""
+    settings = {**QUERY_LIMITS, "readonly": 1} if readonly else {}
     try:
         if url.startswith("chdb://"):
-            path = url[len("chdb://"):]
-            Path(path).mkdir(parents=True, exist_ok=True)
+            path = Path(url[len("chdb://"):]).resolve()  # a relative dir would parse as a host name
+            path.mkdir(parents=True, exist_ok=True)
             return clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=settings)
         return clickhouse_connect.get_client(dsn=url, settings=settings, connect_timeout=10)
     except Exception as e:  # the drivers raise many types; the operator needs one line
@@ -54,9 +60,9 @@ class Store:
         with self._lock:
             return self.client.query(sql, **kw)
 
-    def raw_query(self, sql: str, settings: dict) -> bytes:
+    def raw_query(self, sql: str) -> bytes:
         with self._lock:
-            return self.client.raw_query(sql, settings=settings, fmt="TabSeparatedWithNames")
+            return self.client.raw_query(sql, fmt="TabSeparatedWithNames")
 
     def command(self, sql: str, **kw):
         with self._lock:
