@@ -21,6 +21,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def build() -> argparse.ArgumentParser:
     p = Parser(prog="marketprism", description="Crypto market data: exchanges -> NATS JetStream -> ClickHouse")
     p.add_argument("--config", help="YAML settings file (also MARKETPRISM_CONFIG)")
@@ -34,7 +44,7 @@ def build() -> argparse.ArgumentParser:
     i.add_argument("--schema", action="store_true", help="only the ClickHouse schema")
     r = sub.add_parser("replay", help="raw recordings -> normalized JSON Lines on stdout")
     r.add_argument("--exchange", required=True, choices=FEEDS, metavar="FEED", help=f"one of {', '.join(FEEDS)}")
-    r.add_argument("--depth", type=int, default=400, help="order book levels per side (default 400)")
+    r.add_argument("--depth", type=positive_int, default=400, help="order book levels per side (default 400)")
     r.add_argument("files", nargs="+", metavar="FILE")
     q = sub.add_parser("query", help="run a read-only SQL query against the store")
     q.add_argument("sql")
