@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import yaml
@@ -33,6 +34,16 @@ DEFAULT_REST_URLS = {
 }
 ROLE_HEALTH_PORTS = {"collector": 8087, "storage-hot": 8085, "storage-cold": 8086, "run": 8087}
 ENV_PREFIX = "MARKETPRISM_"
+
+
+def redact(url: str) -> str:
+    """A URL safe for logs and health output: the password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 class ConfigError(ValueError):
@@ -63,19 +74,40 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     idle_timeout_s: float = 30.0
     reconnect_max_s: float = 30.0
     publish_max_pending: int = 50000
+    # storage-cold: copies closed windows hot -> cold and verifies them
+    cold_clickhouse_url: str = ""  # empty: the cold database lives in the hot store
+    archive_window_s: int = 3600
+    archive_delay_s: int = 600  # safety lag before a window counts as closed (slow tables use more)
+    archive_interval_s: float = 60.0
+    # operations
+    metrics_port: int = 0  # 0: /metrics on the health port (collector: 9093)
+    grace_s: float = 120.0
+    stale_fast_s: float = 60.0  # trades and books
+    stale_liquidation_s: float = 3600.0
+    stale_slow_s: float = 8 * 3600.0  # funding, open interest, ratios, volatility index
+    log_file: str = ""  # empty: stderr only; embedded run rotates it by size
+    log_rotation_mb: int = 50
+    # raw traffic recording (opt-in per feed)
+    record_dir: str = ""
+    record_feeds: tuple[str, ...] = ()
+    record_rotate_mb: int = 256
 
     def __post_init__(self) -> None:
         _check_members("feeds", self.feeds, FEEDS)
         _check_members("data_types", self.data_types, DATA_TYPES)
+        _check_members("record_feeds", self.record_feeds, FEEDS)
         _check_members("ws_urls", tuple(self.ws_urls), FEEDS)
         _check_members("rest_urls", tuple(self.rest_urls), FEEDS)
-        for key in ("hot_ttl_days", "depth", "batch_rows", "publish_max_pending"):
+        for key in ("hot_ttl_days", "depth", "batch_rows", "publish_max_pending", "archive_window_s",
+                    "archive_interval_s", "record_rotate_mb", "log_rotation_mb"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be a positive integer, got {getattr(self, key)}")
         if self.log_level.upper() not in ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
-        if self.clickhouse_url and not self.clickhouse_url.startswith(("chdb://", "http://", "https://")):
-            raise ConfigError(f"clickhouse_url: must start with chdb://, http:// or https://, got {self.clickhouse_url!r}")
+        for key in ("clickhouse_url", "cold_clickhouse_url"):
+            url = getattr(self, key)
+            if url and not url.startswith(("chdb://", "http://", "https://")):
+                raise ConfigError(f"{key}: must start with chdb://, http:// or https://, got {redact(url)!r}")
 
     @property
     def store_url(self) -> str:

@@ -11,10 +11,11 @@ from nats.js.errors import NotFoundError
 
 
 def nats_dir() -> Path:
-    for candidate in (Path(__file__).resolve().parents[2] / "nats", Path(__file__).resolve().parent / "defs"):
-        if (candidate / "MARKET_DATA.json").exists():
-            return candidate
-    raise FileNotFoundError("the nats/ stream definitions are missing from this installation")
+    """nats/ of the repository, shipped in the package as bus/defs (a symlink in the checkout)."""
+    path = Path(__file__).resolve().parent / "defs"
+    if not (path / "MARKET_DATA.json").exists():
+        raise FileNotFoundError("the nats/ stream definitions are missing from this installation")
+    return path
 
 
 def stream_configs() -> list[StreamConfig]:

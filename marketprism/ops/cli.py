@@ -7,13 +7,26 @@ import asyncio
 import sys
 import urllib.error
 import urllib.request
+from importlib import import_module
 
 from loguru import logger
 
 from marketprism import settings as settings_mod
 from marketprism.settings import FEEDS, ConfigError
 
-ROLES = ("collector", "storage-hot")
+ROLES = ("collector", "storage-hot", "storage-cold")
+# Sub-commands that live in their own module: module.add_arguments(parser) and module.main(args, settings) -> int.
+COMMANDS = {
+    "storage-cold": ("marketprism.store.cold", "the storage-cold role: archive closed hot windows into cold, verified"),
+    "integrity": ("marketprism.ops.integrity", "is the data whole? coverage, duplicates, gaps, schema; exit 0 only if so"),
+    "repair": ("marketprism.ops.repair", "re-copy failed cold windows and backfill gaps from exchange history"),
+    "record": ("marketprism.record", "run the collector and write the raw traffic it receives"),
+    "status": ("marketprism.ops.status", "one table: every role, NATS, ClickHouse: up/down, version, key numbers"),
+    "health": ("marketprism.ops.status", "every role's health and coverage; exit 0 only when healthy"),
+    "diagnose": ("marketprism.ops.diagnose", "what is wrong and what to do about it"),
+    "bench": ("marketprism.bench", "measure parse and end-to-end throughput, latency, memory"),
+    "demo": ("marketprism.demo", "simulator + embedded pipeline: row counts per table x exchange"),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,7 +49,7 @@ def build() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML settings file (also MARKETPRISM_CONFIG)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("run", help="all roles in one process (managed nats-server, chDB)")
-    for role in ROLES:
+    for role in ("collector", "storage-hot"):
         r = sub.add_parser(role, help=f"the {role} role")
         r.add_argument("--check", action="store_true", help="exit 0 if this role's /health says it is up")
     i = sub.add_parser("init", help="create/update NATS streams and the ClickHouse schema (idempotent)")
@@ -50,6 +63,17 @@ def build() -> argparse.ArgumentParser:
     q.add_argument("sql")
     from marketprism import sim
     sim.add_arguments(sub.add_parser("simulate", help="local exchange simulator speaking each venue's protocol"))
+    for name, (module, text) in COMMANDS.items():
+        try:
+            mod = import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # not part of this build
+        c = sub.add_parser(name, help=text)
+        if name in ROLES:
+            c.add_argument("--check", action="store_true", help="exit 0 if this role's /health says it is up")
+        mod.add_arguments(c)
     return p
 
 
@@ -109,6 +133,8 @@ def dispatch(args, settings) -> int:
         for line in asyncio.run(roles.init(settings, both or args.streams, both or args.schema)):
             print(line)
         return 0
+    if cmd in COMMANDS:
+        return import_module(COMMANDS[cmd][0]).main(args, settings)
     if cmd == "simulate":
         from marketprism import sim
         asyncio.run(sim.serve(args))

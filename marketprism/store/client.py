@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import clickhouse_connect
 
 from marketprism.records import TABLE_FOR
+from marketprism.settings import redact
 
 
 class StoreError(RuntimeError):
     """The store cannot be opened (one line, names the URL without its password)."""
-
-
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 QUERY_LIMITS = {"max_result_rows": 100_000, "result_overflow_mode": "break", "max_execution_time": 30}

@@ -12,11 +12,11 @@ TIME_COLUMNS = ("timestamp", "received_at", "funding_time", "started_at", "ended
 
 
 def ddl_dir() -> Path:
-    """clickhouse/ beside the package in a checkout, or the copy installed inside the package."""
-    for candidate in (Path(__file__).resolve().parents[2] / "clickhouse", Path(__file__).resolve().parent / "ddl"):
-        if (candidate / "10_tables.sql").exists():
-            return candidate
-    raise FileNotFoundError("the clickhouse/ DDL directory is missing from this installation")
+    """clickhouse/ of the repository, shipped in the package as store/ddl (a symlink in the checkout)."""
+    path = Path(__file__).resolve().parent / "ddl"
+    if not (path / "10_tables.sql").exists():
+        raise FileNotFoundError("the clickhouse/ DDL files are missing from this installation")
+    return path
 
 
 def statements(text: str) -> list[str]:
