@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+COMPOSE ?= docker compose
+DOCKERFILES := collector/Dockerfile storage-hot/Dockerfile storage-cold/Dockerfile
 
 .PHONY: run test demo bench lint up down ps logs e2e clean
 
@@ -17,6 +19,34 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(BIN)/marketprism demo
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/marketprism bench
+
+lint: $(STAMP)
+	$(BIN)/hadolint --config .hadolint.yaml $(DOCKERFILES)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_compose.py
+
+# Docker Compose (needs a Docker engine with Compose v2 and BuildKit)
+up:
+	$(COMPOSE) up -d --build --wait
+
+down:
+	$(COMPOSE) down
+
+ps:
+	$(COMPOSE) ps
+
+logs:
+	$(COMPOSE) logs -f --tail=200
+
+e2e: $(STAMP)
+	$(BIN)/pip install -q -e '.[e2e]'
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/test_e2e_compose.py
 
 clean:
 	rm -rf $(VENV) data

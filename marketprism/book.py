@@ -1,53 +1,71 @@
 """An L2 order book that keeps the exchange's own price and quantity strings.
 
-Levels are keyed by float price for ordering only; the strings the exchange sent are what is emitted,
+Levels are ordered by float price for ordering only; the strings the exchange sent are what is emitted,
 so no value is ever rounded on its way to the store.
+
+Each side is two parallel Python lists sorted so that the best level is the *last* element: the top N
+levels are then one slice (a few microseconds for 400 levels, where a sorted mapping walks N keys and
+looks each one up), and the frequent changes near the touch move only the few elements behind them.
 """
 
 from __future__ import annotations
 
-from sortedcontainers import SortedDict
+from bisect import bisect_left
 
 from marketprism.records import Level
 
 
+def _apply(keys: list[float], levels: list[Level], rows, sign: float) -> None:
+    """Absolute levels onto one side: quantity zero removes the level. key = sign * price, ascending."""
+    for row in rows:
+        price, qty = row[0], row[1]
+        key = sign * float(price)
+        i = bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            if float(qty) == 0.0:
+                del keys[i], levels[i]
+            else:
+                levels[i] = (price, qty)
+        elif float(qty) != 0.0:
+            keys.insert(i, key)
+            levels.insert(i, (price, qty))
+
+
 class Book:
-    __slots__ = ("bids", "asks")
+    __slots__ = ("_bid_keys", "_bids", "_ask_keys", "_asks")
 
     def __init__(self) -> None:
-        self.bids: SortedDict = SortedDict()  # key -price: iteration is best (highest) first
-        self.asks: SortedDict = SortedDict()
+        # bids ascend by price (best = highest = last); asks ascend by -price (best = lowest = last)
+        self._bid_keys: list[float] = []
+        self._bids: list[Level] = []
+        self._ask_keys: list[float] = []
+        self._asks: list[Level] = []
 
     def clear(self) -> None:
-        self.bids.clear()
-        self.asks.clear()
+        self._bid_keys.clear()
+        self._bids.clear()
+        self._ask_keys.clear()
+        self._asks.clear()
 
     def load(self, bids, asks) -> None:
         self.clear()
         self.update(bids, asks)
 
     def update(self, bids, asks) -> None:
-        """Apply absolute levels: quantity zero removes the level."""
-        side = self.bids
-        for price, qty, *_ in bids:
-            key = -float(price)
-            if float(qty) == 0.0:
-                side.pop(key, None)
-            else:
-                side[key] = (price, qty)
-        side = self.asks
-        for price, qty, *_ in asks:
-            key = float(price)
-            if float(qty) == 0.0:
-                side.pop(key, None)
-            else:
-                side[key] = (price, qty)
+        """Apply absolute levels (rows of price, quantity, ...): quantity zero removes the level."""
+        if bids:
+            _apply(self._bid_keys, self._bids, bids, 1.0)
+        if asks:
+            _apply(self._ask_keys, self._asks, asks, -1.0)
 
     def top(self, depth: int) -> tuple[list[Level], list[Level]]:
-        return list(self.bids.values()[:depth]), list(self.asks.values()[:depth])
+        """The best `depth` levels per side, best first."""
+        if depth <= 0:
+            return [], []
+        return self._bids[-depth:][::-1], self._asks[-depth:][::-1]
 
     def crossed(self) -> bool:
-        return bool(self.bids and self.asks) and -self.bids.keys()[0] >= self.asks.keys()[0]
+        return bool(self._bids and self._asks) and self._bid_keys[-1] >= -self._ask_keys[-1]
 
     def __len__(self) -> int:
-        return len(self.bids) + len(self.asks)
+        return len(self._bids) + len(self._asks)

@@ -3,17 +3,27 @@
 Every message carries `Nats-Msg-Id` (the record's dedup key), so a message re-sent after a lost ack or
 a reconnect is dropped by the stream's duplicate window instead of being stored twice. Unacked messages
 are held (bounded by `max_pending`) and re-sent until the stream acknowledges them.
+
+On the hot path the protocol line is written straight into nats-py's outgoing buffer (`write_raw`):
+nats-py's publish() spends more time validating and assembling headers than the rest of a record's trip
+through the collector. What goes on the wire is exactly what publish() would send; anything it would
+have to check (whitespace in a subject or id, an oversized payload, a closed connection) takes the
+ordinary publish() path, which raises as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 
 import msgspec
 import nats
 from loguru import logger
+
+_UNSAFE = re.compile(r"[\s]")  # in a subject it would break the protocol line; publish() rejects it properly
+_HDR_FIXED = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
 
 
 class PubAck(msgspec.Struct):
@@ -26,12 +36,34 @@ class PubAck(msgspec.Struct):
 _ack = msgspec.json.Decoder(PubAck)
 
 
+def has_raw_writes(nc: nats.NATS) -> bool:
+    """True if this nats-py has the outgoing buffer that write_raw() feeds."""
+    return hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending") and hasattr(nc, "_flush_queue")
+
+
+def can_write_raw(nc: nats.NATS) -> bool:
+    """True while protocol lines can go straight to the buffer (connected, not draining)."""
+    return has_raw_writes(nc) and nc.is_connected and not nc.is_draining_pubs
+
+
+async def write_raw(nc: nats.NATS, data: bytes) -> None:
+    """Queue protocol bytes and wake nats-py's flusher, as its own publish() does after a PUB."""
+    await nc._send_command(data)
+    if nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+def ack_lines(replies) -> bytes:
+    """One empty PUB per JetStream ack subject: an explicit ack of each message, written as one buffer."""
+    return b"".join([b"PUB %s 0\r\n\r\n" % r.encode() for r in replies])
+
+
 class Publisher:
     def __init__(self, nc: nats.NATS, max_pending: int = 50000, ack_timeout_s: float = 5.0) -> None:
         self.nc = nc
         self.max_pending = max_pending
         self.ack_timeout_s = ack_timeout_s
-        self.pending: dict[int, tuple[str, bytes, dict, float]] = {}
+        self.pending: dict[int, tuple[str, bytes, str, float]] = {}  # n -> subject, payload, msg id, sent
         self.acked = 0
         self.duplicates = 0
         self.resent = 0
@@ -42,11 +74,15 @@ class Publisher:
         self._empty = asyncio.Event()
         self._empty.set()
         self._prefix = ""
+        self._reply_prefix = b""
+        self._raw = has_raw_writes(nc)
+        self._plain_subjects: set[str] = set()  # subjects checked free of whitespace
         self._sub = None
         self._retry_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox() + "."
+        self._reply_prefix = self._prefix.encode()
         self._sub = await self.nc.subscribe(self._prefix + "*", cb=self._on_ack)
         self._retry_task = asyncio.create_task(self._retry_loop())
 
@@ -56,10 +92,30 @@ class Publisher:
             self._room.clear()
             await self._room.wait()
         n = next(self._ids)
-        headers = {"Nats-Msg-Id": msg_id}
-        self.pending[n] = (subject, payload, headers, time.monotonic())
+        self.pending[n] = (subject, payload, msg_id, time.monotonic())
         self._empty.clear()
-        await self.nc.publish(subject, payload, reply=f"{self._prefix}{n}", headers=headers)
+        await self._send(n, subject, payload, msg_id)
+
+    def _plain(self, subject: str, msg_id: str) -> bool:
+        """Both fit the protocol line as they are: what publish() would send unchanged."""
+        if subject not in self._plain_subjects:
+            if _UNSAFE.search(subject):
+                return False
+            if len(self._plain_subjects) > 100_000:
+                self._plain_subjects.clear()
+            self._plain_subjects.add(subject)
+        return msg_id.isprintable() and msg_id.strip() == msg_id  # header value: no CR/LF, nothing to trim
+
+    async def _send(self, n: int, subject: str, payload: bytes, msg_id: str) -> None:
+        nc = self.nc
+        if (self._raw and nc.is_connected and not nc.is_draining_pubs and len(payload) <= nc.max_payload
+                and self._plain(subject, msg_id)):
+            mid = msg_id.encode()
+            hdr = _HDR_FIXED + len(mid)
+            await write_raw(nc, b"HPUB %s %s%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n" % (
+                subject.encode(), self._reply_prefix, n, hdr, hdr + len(payload), mid, payload))
+        else:
+            await nc.publish(subject, payload, reply=f"{self._prefix}{n}", headers={"Nats-Msg-Id": msg_id})
 
     async def _on_ack(self, msg) -> None:
         n = int(msg.subject[len(self._prefix):])
@@ -89,12 +145,21 @@ class Publisher:
             await asyncio.sleep(min(1.0, self.ack_timeout_s / 2))
             if not self.nc.is_connected:
                 continue
+            # pending is in sending order (a re-sent message moves to the end): the overdue ones lead.
             cutoff = time.monotonic() - self.ack_timeout_s
-            for n, (subject, payload, headers, sent) in list(self.pending.items()):
-                if sent < cutoff and n in self.pending:
-                    self.pending[n] = (subject, payload, headers, time.monotonic())
-                    self.resent += 1
-                    await self.nc.publish(subject, payload, reply=f"{self._prefix}{n}", headers=headers)
+            overdue = []
+            for n, entry in self.pending.items():
+                if entry[3] >= cutoff:
+                    break
+                overdue.append(n)
+            for n in overdue:
+                entry = self.pending.pop(n, None)
+                if entry is None:
+                    continue  # acked meanwhile
+                subject, payload, msg_id, _ = entry
+                self.pending[n] = (subject, payload, msg_id, time.monotonic())
+                self.resent += 1
+                await self._send(n, subject, payload, msg_id)
 
     async def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every published message is acknowledged; False on timeout."""

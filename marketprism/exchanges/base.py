@@ -3,7 +3,9 @@ pure helpers (symbol normalization, gap records, top-N book records).
 
 A Feed turns raw exchange text into records. It holds only the state continuity needs (books, last
 sequence, ticker state) and does no I/O: the collector (or replay) hands it every WS frame and REST
-body, asks it which REST requests it needs (book snapshots) and which frames to send back.
+body, asks it which REST requests it needs (book snapshots) and which frames to send back. Instrument
+metadata (`set_instruments`) is optional: without it (replay, or a venue that cannot be reached) the
+feed names symbols by the quote-suffix heuristic and leaves contract-size-dependent values null.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ class Subscription:
     """One WebSocket connection: a path appended to the feed's WS base URL and frames sent after connect."""
     path: str
     messages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstrumentInfo:
+    """What a venue's instrument list says about one instrument (see collector/instruments.py)."""
+    instrument: str
+    symbol: str  # normalized BASE-QUOTE from the venue's own base/quote fields
+    contract_value: str | None = None  # size of one contract (OKX ctVal, Deribit contract_size)
+    inverse: bool = False  # contract counted in the quote currency (OKX ctType inverse, Deribit reversed)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,12 @@ class Feed:
     exchange = ""
     ping_frame: str | None = None
     ping_interval_s = 0.0
+    # Data types whose continuity the feed checks itself and reports as gaps (books by sequence and
+    # on_disconnect); the collector records disconnect/stale gaps for every other stream type.
+    sequenced: tuple[str, ...] = ("orderbook",)
+    max_connection_age_s: float | None = None  # reconnect before the venue's forced disconnect
+    sends_per_s: float | None = None  # pace frames sent on one connection (venue limit on incoming messages)
+    idle_timeout_s: float | None = None  # seconds without data before a connection is stale (None: settings)
 
     def __init__(self, depth: int = 400, book_interval_ms: int = 0) -> None:
         self.depth = depth
@@ -100,6 +117,10 @@ class Feed:
         self._requests: list[str] = []
         self._outgoing: list[str] = []
         self._dirty: dict[str, tuple] = {}  # instrument -> (symbol, market_type, book, sequence, ts, received_at)
+        self.instrument_info: dict[str, InstrumentInfo] = {}
+        # Set by _handle for frames that carry no market data (pongs, acknowledgements, heartbeats): the
+        # collector resets it before each frame, and only data frames keep a connection from going stale.
+        self.control_frame = False
 
     # -- the interface the collector and replay use ---------------------------------------------------
     def subscriptions(self, symbols: tuple[str, ...], data_types: tuple[str, ...]) -> list[Subscription]:
@@ -126,6 +147,18 @@ class Feed:
     def on_disconnect(self, at_ms: int) -> list[Record]:
         """Gap records for every stream that loses continuity when the connection drops."""
         return []
+
+    def set_instruments(self, infos: dict[str, InstrumentInfo]) -> None:
+        """Replace the instrument metadata (the collector loads and refreshes it)."""
+        self.instrument_info = dict(infos)
+        cache = getattr(self, "_name_cache", None)
+        if cache is not None:
+            cache.clear()  # a feed's cached (symbol, market_type) names may have been guessed without the list
+
+    def pair(self, instrument: str) -> str:
+        """BASE-QUOTE of an exchange symbol: from the instrument list when loaded, else by its suffix."""
+        info = self.instrument_info.get(instrument)
+        return info.symbol if info is not None else split_symbol(instrument)
 
     def take_requests(self) -> list[str]:
         """REST paths (with query) the feed needs fetched now, e.g. book snapshots for a resync."""

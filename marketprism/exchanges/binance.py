@@ -14,15 +14,19 @@ import msgspec
 
 from marketprism.book import Book
 from marketprism.exchanges.base import (Feed, Poll, Subscription, Unparseable, multiply, query_params,
-                                        source_path, split_symbol)
+                                        source_path)
 from marketprism.records import (FundingRate, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest, Record,
                                  Trade)
 
-BUFFER_LIMIT = 2000  # diffs held while a snapshot is fetched; past it the oldest is dropped (a gap follows)
+# Diffs held while a snapshot is fetched; past it the oldest is dropped (a gap follows only if the snapshot
+# is older than every diff held). 300 = 30 s of @depth@100ms, far more than a snapshot's round trip; with
+# many symbols queued behind the REST weight limit, this bound is what caps the collector's start-up memory
+# (and Python keeps the high-water mark: the buffers' memory is reused, not returned).
+BUFFER_LIMIT = 300
 RATIO_PERIOD = "5m"
 
 
-class WsTrade(msgspec.Struct, tag_field="e", tag="trade"):
+class WsTrade(msgspec.Struct, tag_field="e", tag="trade", gc=False):
     E: int
     s: str
     t: int
@@ -32,7 +36,7 @@ class WsTrade(msgspec.Struct, tag_field="e", tag="trade"):
     m: bool
 
 
-class WsAggTrade(msgspec.Struct, tag_field="e", tag="aggTrade"):
+class WsAggTrade(msgspec.Struct, tag_field="e", tag="aggTrade", gc=False):
     E: int
     s: str
     a: int
@@ -42,7 +46,7 @@ class WsAggTrade(msgspec.Struct, tag_field="e", tag="aggTrade"):
     m: bool
 
 
-class WsDepth(msgspec.Struct, tag_field="e", tag="depthUpdate"):
+class WsDepth(msgspec.Struct, tag_field="e", tag="depthUpdate", gc=False):
     E: int
     s: str
     U: int
@@ -52,7 +56,7 @@ class WsDepth(msgspec.Struct, tag_field="e", tag="depthUpdate"):
     pu: int | None = None
 
 
-class WsMarkPrice(msgspec.Struct, tag_field="e", tag="markPriceUpdate"):
+class WsMarkPrice(msgspec.Struct, tag_field="e", tag="markPriceUpdate", gc=False):
     E: int
     s: str
     p: str
@@ -61,7 +65,7 @@ class WsMarkPrice(msgspec.Struct, tag_field="e", tag="markPriceUpdate"):
     i: str | None = None
 
 
-class ForceOrderBody(msgspec.Struct):
+class ForceOrderBody(msgspec.Struct, gc=False):
     s: str
     S: str
     q: str
@@ -69,7 +73,7 @@ class ForceOrderBody(msgspec.Struct):
     T: int
 
 
-class WsForceOrder(msgspec.Struct, tag_field="e", tag="forceOrder"):
+class WsForceOrder(msgspec.Struct, tag_field="e", tag="forceOrder", gc=False):
     E: int
     o: ForceOrderBody
 
@@ -77,9 +81,9 @@ class WsForceOrder(msgspec.Struct, tag_field="e", tag="forceOrder"):
 Event = WsTrade | WsAggTrade | WsDepth | WsMarkPrice | WsForceOrder
 
 
-class Envelope(msgspec.Struct):
-    stream: str
-    data: msgspec.Raw
+class Envelope(msgspec.Struct, gc=False):
+    """A combined-stream frame, decoded with its event in one pass (the stream name is not needed)."""
+    data: Event | list[WsMarkPrice]
 
 
 class DepthSnapshot(msgspec.Struct):
@@ -113,6 +117,7 @@ class RatioRow(msgspec.Struct):
     timestamp: int
 
 
+_COMBINED = (b'{"stream":', '{"stream":')  # aiohttp hands text frames over as str, replay as bytes
 _envelope = msgspec.json.Decoder(Envelope)
 _event = msgspec.json.Decoder(Event | list[WsMarkPrice])
 _snapshot = msgspec.json.Decoder(DepthSnapshot)
@@ -147,6 +152,8 @@ class BinanceFeed(Feed):
     market_type = "spot"
     futures = False
     depth_path = "/api/v3/depth"
+    max_connection_age_s = 23 * 3600  # "A single connection ... is only valid for 24 hours": leave first
+    sends_per_s = 4.0  # spot allows 5 incoming messages/s (PING, PONG, SUBSCRIBE...) per connection, USDⓈ-M 10
 
     def __init__(self, depth: int = 400, book_interval_ms: int = 0) -> None:
         super().__init__(depth, book_interval_ms)
@@ -156,6 +163,7 @@ class BinanceFeed(Feed):
         self.mark: dict[str, str] = {}
         self.last_bucket: dict[tuple[str, str, str], int] = {}
         self._unassigned: DepthSnapshot | None = None
+        self._name_cache: dict[str, tuple[str, str]] = {}  # instrument -> (symbol, market_type)
 
     # -- plan --------------------------------------------------------------------------------------
     def instrument(self, symbol: str) -> str:
@@ -181,11 +189,10 @@ class BinanceFeed(Feed):
 
     # -- parse -------------------------------------------------------------------------------------
     def _handle(self, data, source, received_at):
+        if data[:10] in _COMBINED:  # a combined-stream frame, the hot path (no REST body starts so)
+            return self._events(_envelope.decode(data).data, received_at)
         if source and not source.startswith("ws"):
             return self._rest(data, source, received_at)
-        if data[:10] in (b'{"stream":', '{"stream":'):
-            env = _envelope.decode(data)
-            return self._events(_event.decode(env.data), received_at)
         obj = _any.decode(data)
         if isinstance(obj, dict) and "e" in obj:
             return self._events(_event.decode(data), received_at)
@@ -194,29 +201,40 @@ class BinanceFeed(Feed):
         return self._bare_rest(obj, data, received_at)
 
     def _events(self, event, received_at: int) -> list[Record]:
+        if type(event) is WsAggTrade:  # the busiest stream, without the general loop
+            symbol, market_type = self._name_cache.get(event.s) or self._names(event.s)
+            return [Trade(exchange="binance", market_type=market_type, symbol=symbol, instrument=event.s,
+                          timestamp=event.T, received_at=received_at, trade_id=str(event.a), price=event.p,
+                          quantity=event.q, side="sell" if event.m else "buy")]
         out: list[Record] = []
-        for ev in event if isinstance(event, list) else (event,):
-            if type(ev) is WsTrade:
+        for ev in event if type(event) is list else (event,):
+            kind = type(ev)
+            if kind is WsTrade:
                 self._trade(out, ev.s, str(ev.t), ev.t, ev.p, ev.q, ev.m, ev.T, received_at)
-            elif type(ev) is WsDepth:
+            elif kind is WsDepth:
                 self._depth(out, ev, received_at)
-            elif type(ev) is WsAggTrade:
-                self._trade(out, ev.s, str(ev.a), None, ev.p, ev.q, ev.m, ev.T, received_at)
-            elif type(ev) is WsMarkPrice:
+            elif kind is WsAggTrade:
+                out += self._events(ev, received_at)
+            elif kind is WsMarkPrice:
                 out.append(self._funding(ev.s, ev.r, ev.T, ev.p, ev.i, ev.E, received_at))
             else:
                 out.append(self._liquidation(ev, received_at))
         return out
 
     def _names(self, instrument: str) -> tuple[str, str]:
-        if "_" in instrument:  # USDⓈ-M delivery contract, e.g. BTCUSDT_250926
-            base, expiry = instrument.split("_", 1)
-            return f"{split_symbol(base)}-{expiry}", "futures"
-        return split_symbol(instrument), self.market_type
+        names = self._name_cache.get(instrument)
+        if names is None:
+            if "_" in instrument:  # USDⓈ-M delivery contract, e.g. BTCUSDT_250926
+                base, expiry = instrument.split("_", 1)
+                names = f"{self.pair(base)}-{expiry}", "futures"
+            else:
+                names = self.pair(instrument), self.market_type
+            self._name_cache[instrument] = names
+        return names
 
     def _trade(self, out, instrument, trade_id, seq, price, qty, buyer_maker, ts, received_at) -> None:
         symbol, market_type = self._names(instrument)
-        if seq is not None and not self.futures:
+        if not self.futures:
             last = self.last_trade.get(instrument)
             if last is not None:
                 if seq <= last:
@@ -404,6 +422,7 @@ class BinanceFeed(Feed):
 
 class BinanceSpotFeed(BinanceFeed):
     name = "binance_spot"
+    sequenced = ("orderbook", "trade")  # @trade ids are consecutive: a loss is an exact `sequence` gap
 
 
 class BinanceUsdmFeed(BinanceFeed):

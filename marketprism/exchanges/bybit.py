@@ -159,7 +159,7 @@ class BybitFeed(Feed):
         self.funding_sent: dict[str, tuple[str, str]] = {}
         self.interest_sent: dict[str, str] = {}
         self.last_bucket: dict[tuple[str, str, str], int] = {}
-        self._names: dict[str, tuple[str, str]] = {}
+        self._name_cache: dict[str, tuple[str, str]] = {}
 
     # -- plan --------------------------------------------------------------------------------------
     def instrument(self, symbol: str) -> str:
@@ -196,6 +196,7 @@ class BybitFeed(Feed):
         if frame.topic is not None:
             return self._push(frame, received_at)
         if frame.op is not None:
+            self.control_frame = True
             if frame.success is False:
                 raise Unparseable("request failed")
             return []  # subscribe acknowledgement or pong
@@ -219,11 +220,15 @@ class BybitFeed(Feed):
         return out
 
     def _name(self, instrument: str) -> tuple[str, str]:
-        found = self._names.get(instrument)
+        found = self._name_cache.get(instrument)
         if found is None:
-            # Bybit names its USDC perpetuals BTCPERP, ETHPERP.
-            symbol = f"{instrument[:-4]}-USDC" if instrument.endswith("PERP") else split_symbol(instrument)
-            found = self._names[instrument] = (symbol, self.market_type)
+            if instrument in self.instrument_info:
+                symbol = self.instrument_info[instrument].symbol  # baseCoin-quoteCoin of instruments-info
+            elif instrument.endswith("PERP"):
+                symbol = f"{instrument[:-4]}-USDC"  # Bybit names its USDC perpetuals BTCPERP, ETHPERP
+            else:
+                symbol = split_symbol(instrument)
+            found = self._name_cache[instrument] = (symbol, self.market_type)
         return found
 
     def _trade(self, row: Row, received_at: int) -> Trade:

@@ -230,11 +230,13 @@ class DeribitFeed(Feed):
             note = _notification.decode(msg.params)
             return self._notification(note.channel, note.data, received_at)
         if msg.method == "heartbeat":
+            self.control_frame = True
             if _heartbeat.decode(msg.params).type == "test_request":
                 # Deribit closes the connection unless a test_request is answered with public/test.
                 self._outgoing.append(self._request("public/test", {}))
             return []
         if msg.id is not None:
+            self.control_frame = True
             if msg.error:
                 raise Unparseable("error response")
             return []  # the answer to one of our requests (subscribe, set_heartbeat, test)
@@ -297,21 +299,31 @@ class DeribitFeed(Feed):
                 self.interest_sent[inst] = oi
                 out.append(OpenInterest(exchange="deribit", market_type=market_type, symbol=symbol, instrument=inst,
                                         timestamp=t.timestamp, received_at=received_at, open_interest=oi,
-                                        open_interest_value=self._interest_value(inst, market_type, oi, mark)))
+                                        open_interest_value=self._interest_value(inst, market_type, oi, mark,
+                                                                                 self._inverse(inst))))
 
     @staticmethod
-    def _interest_value(instrument: str, market_type: str, oi: str, mark: str | None) -> str | None:
+    def _interest_value(instrument: str, market_type: str, oi: str, mark: str | None,
+                        inverse: bool | None = None) -> str | None:
         """Open interest in the quote currency.
 
         Deribit counts open interest of perpetuals and inverse futures in USD (already the quote), and of
         linear instruments in the coin (times the mark price gives the quote). Option marks are premiums,
-        not prices of the coin, so options have no value here.
+        not prices of the coin, so options have no value here. The instrument list says which contracts
+        are inverse (`inverse`, from "instrument_type": "reversed"); without it, the naming rule does
+        (linear instruments name their quote after an underscore, BTC_USDC-PERPETUAL).
         """
         if market_type == "options":
             return None
-        if "_" not in instrument.split("-")[0]:
+        if inverse is None:
+            inverse = "_" not in instrument.split("-")[0]
+        if inverse:
             return oi
         return multiply(oi, mark) if mark is not None else None
+
+    def _inverse(self, instrument: str) -> bool | None:
+        info = self.instrument_info.get(instrument)
+        return info.inverse if info is not None else None
 
     @staticmethod
     def _volatility(v: VolatilityData, received_at: int) -> VolatilityIndex:

@@ -15,7 +15,8 @@ from functools import lru_cache
 import msgspec
 
 from marketprism.book import Book
-from marketprism.exchanges.base import Feed, Poll, Subscription, Unparseable, as_int, query_params, source_path
+from marketprism.exchanges.base import (Feed, Poll, Subscription, Unparseable, as_int, multiply, query_params,
+                                        source_path)
 from marketprism.records import (SIDES, FundingRate, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest,
                                  Record, Trade)
 
@@ -165,6 +166,7 @@ class OkxFeed(Feed):
         self.verify_checksums = True  # off only for recordings whose snapshots were cut by their authors
         # liquidation-orders pushes every instrument of a type: keep the subscribed ones (None: keep all)
         self.liquidation_ids: set[str] | None = None
+        self.last_price: dict[str, str] = {}  # instId -> last trade price, to value open interest in contracts
         self._channels = {"trades": self._on_trades, "books": self._on_books, "funding-rate": self._on_funding,
                           "open-interest": self._on_open_interest, "liquidation-orders": self._on_liquidations}
 
@@ -224,9 +226,11 @@ class OkxFeed(Feed):
         if source and not source.startswith("ws"):
             return self._rest(data, source, received_at)
         if data in (b"pong", "pong"):
+            self.control_frame = True
             return []  # answer to our "ping" keep-alive
         msg = _message.decode(data)
         if msg.event is not None:
+            self.control_frame = True
             if msg.event == "error":
                 self.errors[f"error event {msg.code}"] += 1
             return []  # subscribe/unsubscribe acknowledgements, notices
@@ -248,6 +252,7 @@ class OkxFeed(Feed):
             out.append(Trade(exchange="okx", market_type=market_type, symbol=symbol, instrument=row.instId,
                              timestamp=as_int(row.ts), received_at=received_at, trade_id=row.tradeId,
                              price=row.px, quantity=row.sz, side=row.side))
+            self.last_price[row.instId] = row.px
         return out
 
     def _on_funding(self, msg: Message, received_at: int) -> list[Record]:
@@ -272,7 +277,22 @@ class OkxFeed(Feed):
         symbol, market_type = names(row.instId)
         return OpenInterest(exchange="okx", market_type=market_type, symbol=symbol, instrument=row.instId,
                             timestamp=as_int(row.ts), received_at=received_at, open_interest=row.oi,
-                            open_interest_value=row.oiUsd or None)
+                            open_interest_value=row.oiUsd or self._interest_value(row.instId, row.oi))
+
+    def _interest_value(self, inst: str, oi: str) -> str | None:
+        """Open interest in the quote currency where OKX gives no oiUsd (pushes before 2023).
+
+        `oi` counts contracts; ctVal is one contract's size: in the base coin for linear contracts
+        (value = oi x ctVal x price, the last trade price of the instrument) and in USD for inverse ones
+        (value = oi x ctVal). Without the instrument list (replay) or a price yet, the value is unknown.
+        """
+        info = self.instrument_info.get(inst)
+        if info is None or not info.contract_value:
+            return None
+        if info.inverse:
+            return multiply(oi, info.contract_value)
+        price = self.last_price.get(inst)
+        return multiply(multiply(oi, info.contract_value), price) if price else None
 
     def _on_liquidations(self, msg: Message, received_at: int) -> list[Record]:
         out: list[Record] = []

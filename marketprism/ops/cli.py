@@ -9,8 +9,6 @@ import urllib.error
 import urllib.request
 from importlib import import_module
 
-from loguru import logger
-
 from marketprism import settings as settings_mod
 from marketprism.settings import FEEDS, ConfigError
 
@@ -58,6 +56,8 @@ def build() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="raw recordings -> normalized JSON Lines on stdout")
     r.add_argument("--exchange", required=True, choices=FEEDS, metavar="FEED", help=f"one of {', '.join(FEEDS)}")
     r.add_argument("--depth", type=positive_int, default=400, help="order book levels per side (default 400)")
+    r.add_argument("--publish", action="store_true",
+                   help="publish the records to JetStream (MARKETPRISM_NATS_URL) instead of printing them")
     r.add_argument("files", nargs="+", metavar="FILE")
     q = sub.add_parser("query", help="run a read-only SQL query against the store")
     q.add_argument("sql")
@@ -77,17 +77,21 @@ def build() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logger.remove()
-    logger.add(sys.stderr, level=level.upper(),
-               format="{time:YYYY-MM-DDTHH:mm:ss.SSS} {level} {name}: {message}")
+def _setup_logging(level: str, log_file: str = "", rotation_mb: int = 50) -> None:
+    from marketprism.ops import logs
+    logs.setup(level, log_file, rotation_mb)
 
 
 def _check(settings, role: str) -> int:
-    url = f"http://127.0.0.1:{settings.port_for(role)}/health"
+    """Docker healthcheck: 0 while the role's /health answers 200 (healthy, starting or degraded)."""
+    from marketprism.ops.status import client_host
+    url = f"http://{client_host(settings.health_host)}:{settings.port_for(role)}/health"
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(url, timeout=4) as resp:  # within compose's 5 s healthcheck timeout
             return 0 if resp.status == 200 else 1
+    except urllib.error.HTTPError as e:
+        print(f"marketprism: {role} is unhealthy: {url} answered HTTP {e.code}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as e:
         print(f"marketprism: {role} health at {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
         return 1
@@ -96,9 +100,10 @@ def _check(settings, role: str) -> int:
 def _query(settings, sql: str) -> int:
     from pathlib import Path
 
-    from marketprism.ops.lock import InstanceLock
+    from marketprism.ops.status import live_instance
     from marketprism.store.client import Store, connect
-    holder = InstanceLock(Path(settings.data_dir)).holder() if not settings.clickhouse_url else {}
+    # only a live holder (not a lock left by a dead process) can answer for the chDB directory
+    holder = (live_instance(settings) or {}) if settings.store_url.startswith("chdb://") else {}
     if holder.get("port"):  # the embedded run holds chDB: ask it
         req = urllib.request.Request(f"http://127.0.0.1:{holder['port']}/query", data=sql.encode(), method="POST")
         try:
@@ -122,10 +127,11 @@ def dispatch(args, settings) -> int:
     cmd = args.command
     if cmd == "replay":
         from marketprism import replay
-        return replay.run(args.exchange, args.files, args.depth)
+        return replay.main(args, settings)
     if cmd == "query":
         return _query(settings, args.sql)
-    _setup_logging(settings.log_level)
+    long_running = cmd in ("run", "record", *ROLES)  # only they write the log file: one writer rotates it
+    _setup_logging(settings.log_level, settings.log_file if long_running else "", settings.log_rotation_mb)
     if cmd in ROLES and args.check:
         return _check(settings, cmd)
     if cmd == "init":

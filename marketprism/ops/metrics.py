@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import bisect
+import importlib.metadata
+import shutil
+import time
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+
+import msgspec
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 FRAMES = Counter("marketprism_messages_received_total", "WS frames and REST bodies received", ["feed"])
 PUBLISHED = Counter("marketprism_records_published_total", "Records published to JetStream",
@@ -22,3 +32,159 @@ TERMINATED = Counter("marketprism_messages_terminated_total", "Messages that can
 STORE_ERRORS = Counter("marketprism_store_errors_total", "Failed inserts (retried)", ["kind"])
 STORE_LATENCY = Histogram("marketprism_store_latency_seconds", "Exchange event time to insert time",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+EXCHANGE_LATENCY = Histogram("marketprism_exchange_latency_seconds",
+                             "Exchange event time to collector receipt (negative: clock offset, see diagnose)",
+                             ["exchange", "data_type"],
+                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+COLLECTOR_STORE_LATENCY = Histogram("marketprism_collector_store_latency_seconds",
+                                    "Collector receipt (received_at) to hot-tier insert, sampled rows",
+                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+BOOK_RESYNCS = Counter("marketprism_book_resyncs_total",
+                       "Order-book rebuilds started (one per book continuity break)", ["exchange", "market_type"])
+PUBLISH_FAILURES = Counter("marketprism_publish_failures_total",
+                           "Publishes rejected by JetStream or unacknowledged in time (re-sent, never dropped)",
+                           ["exchange", "data_type", "reason"])
+CONSUMER_PENDING = Gauge("marketprism_consumer_pending_messages", "Stream messages not yet delivered to the consumer",
+                         ["stream", "consumer"])
+CONSUMER_ACK_PENDING = Gauge("marketprism_consumer_ack_pending_messages", "Delivered to the consumer, not yet acked",
+                             ["stream", "consumer"])
+CONSUMER_REDELIVERED = Gauge("marketprism_consumer_redelivered_messages",
+                             "Unacked messages that were delivered more than once", ["stream", "consumer"])
+STREAM_MESSAGES = Gauge("marketprism_stream_messages", "Messages held by the JetStream stream", ["stream"])
+STREAM_BYTES = Gauge("marketprism_stream_bytes", "Bytes held by the JetStream stream", ["stream"])
+STREAM_MAX_BYTES = Gauge("marketprism_stream_max_bytes", "The stream's byte limit (discard new beyond it)", ["stream"])
+HEALTH_STATUS = Gauge("marketprism_health_status", "Health of each /health section: 0 healthy, 1 starting, "
+                      "2 degraded, 3 unhealthy", ["section"])
+BUILD_INFO = Gauge("marketprism_build_info", "Always 1; the running version in the label", ["version"])
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("marketprism")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO.labels(version=version()).set(1)
+
+_latency_children: dict[tuple[str, str], object] = {}
+
+
+def observe_exchange_latency(exchange: str, data_type: str, received_ms: int, event_ms: int) -> None:
+    """Per record on the collector's hot path: the labelled child is looked up once, not per call."""
+    child = _latency_children.get((exchange, data_type))
+    if child is None:
+        child = _latency_children[(exchange, data_type)] = EXCHANGE_LATENCY.labels(exchange=exchange,
+                                                                                   data_type=data_type)
+    child.observe((received_ms - event_ms) / 1000)
+
+
+def count_gap(exchange: str, market_type: str, stream_type: str, reason: str) -> None:
+    GAPS.labels(exchange=exchange, stream_type=stream_type, reason=reason).inc()
+    if stream_type == "orderbook":  # a broken book emits nothing until it is rebuilt from a new snapshot
+        BOOK_RESYNCS.labels(exchange=exchange, market_type=market_type).inc()
+
+
+def publish_failed(subject: str, reason: str) -> None:
+    """subject is {data_type}.{exchange}.{market_type}.{symbol}; reason `rejected` or `ack_timeout`."""
+    data_type, _, rest = subject.partition(".")
+    PUBLISH_FAILURES.labels(exchange=rest.partition(".")[0], data_type=data_type, reason=reason).inc()
+
+
+class _ReceivedAt(msgspec.Struct):
+    received_at: int = 0
+
+
+_received_at = msgspec.json.Decoder(_ReceivedAt)
+
+
+def observe_collector_store_latency(payloads: Iterable[bytes], now_s: float | None = None) -> None:
+    """COLLECTOR_STORE_LATENCY for stored records (JSON payloads carrying received_at), binned in one pass."""
+    now_ms = (time.time() if now_s is None else now_s) * 1000
+    values = []
+    for data in payloads:
+        try:
+            values.append((now_ms - _received_at.decode(data).received_at) / 1000)
+        except msgspec.MsgspecError:
+            continue
+    observe_many(COLLECTOR_STORE_LATENCY, values)
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """Histogram.observe for a batch: one increment per bucket instead of one lock round per value."""
+    try:
+        bounds, buckets, total = histogram._upper_bounds, histogram._buckets, histogram._sum
+    except AttributeError:  # a labelled parent or another client version: the public way
+        for v in values:
+            histogram.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)
+        counts[i] = counts.get(i, 0) + 1
+    for i, n in counts.items():
+        buckets[i].inc(n)
+    total.inc(sum(values))
+
+
+class CoverageCollector:
+    """Per-stream freshness, computed at scrape time from the live Coverage objects: setting a labelled
+    gauge per record would cost the collector's hot path."""
+
+    def __init__(self) -> None:
+        self._coverages: weakref.WeakSet = weakref.WeakSet()
+
+    def watch(self, coverage) -> None:
+        self._coverages.add(coverage)
+
+    def collect(self):
+        labels = ["data_type", "exchange", "market_type"]
+        age = GaugeMetricFamily("marketprism_coverage_age_seconds", "Seconds since the stream last delivered data",
+                                labels=labels)
+        limit = GaugeMetricFamily("marketprism_coverage_stale_after_seconds",
+                                  "Age beyond which the stream counts as stale", labels=labels)
+        now = time.time()
+        newest: dict[tuple[str, str, str], tuple[float, float]] = {}
+        for cov in list(self._coverages):  # several only in tests; one series per stream all the same
+            for key, ts in list(cov.last.items()):
+                if key not in newest or ts > newest[key][0]:
+                    newest[key] = (ts, cov.stale_after(key[0]))
+        for key, (ts, stale_after) in sorted(newest.items()):
+            age.add_metric(list(key), max(0.0, now - ts))
+            limit.add_metric(list(key), stale_after)
+        yield age
+        yield limit
+
+
+class DiskCollector:
+    """Free and total bytes of the file systems holding the watched data directories, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+
+    def watch(self, path: str) -> None:
+        self.paths.add(str(path))
+
+    def collect(self):
+        free = GaugeMetricFamily("marketprism_disk_free_bytes", "Free bytes on the file system of a data directory",
+                                 labels=["path"])
+        size = GaugeMetricFamily("marketprism_disk_size_bytes", "Size of the file system of a data directory",
+                                 labels=["path"])
+        for path in sorted(self.paths):
+            probe = Path(path)
+            while not probe.exists() and probe != probe.parent:  # not created yet: its parent's file system
+                probe = probe.parent
+            try:
+                usage = shutil.disk_usage(probe)
+            except OSError:
+                continue
+            free.add_metric([path], usage.free)
+            size.add_metric([path], usage.total)
+        yield free
+        yield size
+
+
+COVERAGE = CoverageCollector()
+DISK = DiskCollector()
+REGISTRY.register(COVERAGE)
+REGISTRY.register(DISK)

@@ -14,14 +14,17 @@ from loguru import logger
 from marketprism.bus import streams
 from marketprism.bus.publisher import Publisher
 from marketprism.bus.server import NatsServer
+from marketprism.collector.coverage import Coverage
 from marketprism.collector.service import Collector
-from marketprism.ops.health import HealthServer
+from marketprism.ops.health import ConsumerWatch, HealthServer, Rate
 from marketprism.ops.lock import InstanceLock
 from marketprism.ops import metrics
+from marketprism import record
 from marketprism.settings import Settings
 from marketprism.store import schema
 from marketprism.store.client import Store, connect, redact
-from marketprism.store.hot import HotWriter
+from marketprism.store.cold import Archiver
+from marketprism.store.hot import DURABLE, STREAMS, HotWriter
 
 
 def _on_signals(stop) -> None:
@@ -70,26 +73,31 @@ async def _collector_part(settings: Settings, nc):
         await publisher.publish(subject, payload, msg_id)
         metrics.PUBLISH_PENDING.set(len(publisher.pending))
 
-    return publisher, Collector(settings, publish)
+    collector = Collector(settings, publish, record.from_settings(settings))
+    collector.coverage = Coverage.from_settings(settings)  # grace and staleness thresholds from settings
+    return publisher, collector
 
 
 def _collector_health(collector: Collector, publisher: Publisher, nc):
     def section() -> dict:
         body = collector.health()
         status = collector.coverage.status()
-        if collector.blocked and status == "healthy":
+        if (collector.blocked or not nc.is_connected) and status == "healthy":
             status = "degraded"
-        if not nc.is_connected:
-            status = "degraded"
-        return {"status": status, "nats_connected": nc.is_connected, "publish_pending": len(publisher.pending),
+        grace = collector.coverage.grace_remaining()
+        return {"status": status, **({"grace_remaining_s": round(grace, 1)} if grace else {}),
+                "nats_connected": nc.is_connected, "publish_pending": len(publisher.pending),
                 "published_acked": publisher.acked, **body}
     return section
 
 
-def _hot_health(writer: HotWriter, nc):
+def _hot_health(writer: HotWriter, nc, consumers: ConsumerWatch):
+    errors = Rate()
+
     def section() -> dict:
         status = "healthy" if nc.is_connected and not writer.failures else "degraded"
-        return {"status": status, "nats_connected": nc.is_connected, **writer.health()}
+        return {"status": status, "nats_connected": nc.is_connected,
+                "insert_errors_per_min": errors.per_min(writer.errors), **consumers.section(), **writer.health()}
     return section
 
 
@@ -97,11 +105,12 @@ async def run_collector(settings: Settings, nc=None) -> None:
     own = nc is None
     nc = nc or await _nats(settings, "marketprism-collector")
     publisher, collector = await _collector_part(settings, nc)
-    health = HealthServer(settings.health_host, settings.port_for("collector"),
-                          {"collector": _collector_health(collector, publisher, nc)})
+    health = HealthServer.for_role(settings, "collector", {"collector": _collector_health(collector, publisher, nc)})
     await health.start()
     _on_signals(collector.stop)
     await collector.run()
+    if collector.recorder:
+        collector.recorder.close()
     logger.info("collector stopping: waiting for {} unacknowledged publishes", len(publisher.pending))
     await publisher.flush()
     await publisher.close()
@@ -114,11 +123,14 @@ async def run_storage_hot(settings: Settings) -> None:
     nc = await _nats(settings, "marketprism-storage-hot")
     store = _store(settings)
     writer = HotWriter(nc, store, settings.batch_rows, settings.flush_interval_s)
-    health = HealthServer(settings.health_host, settings.port_for("storage-hot"), {"storage_hot": _hot_health(writer, nc)})
+    consumers = ConsumerWatch(nc, [(stream, DURABLE) for stream in STREAMS])
+    consumers.start()
+    health = HealthServer.for_role(settings, "storage-hot", {"storage_hot": _hot_health(writer, nc, consumers)})
     await health.start()
     _on_signals(writer.stop)
     await writer.run()
     await health.stop()
+    await consumers.stop()
     await nc.drain()
     store.close()
 
@@ -142,17 +154,21 @@ async def run_embedded(settings: Settings) -> None:
         await asyncio.to_thread(schema.apply, store.client, settings.hot_ttl_days)
         publisher, collector = await _collector_part(settings, nc)
         writer = HotWriter(nc, store, settings.batch_rows, settings.flush_interval_s)
-        health = HealthServer(settings.health_host, settings.port_for("run"),
-                              {"collector": _collector_health(collector, publisher, nc),
-                               "storage_hot": _hot_health(writer, nc)},
-                              store=Store(connect(settings.store_url, readonly=True)))
+        consumers = ConsumerWatch(nc, [(stream, DURABLE) for stream in STREAMS])
+        consumers.start()
+        archiver = await asyncio.to_thread(Archiver.open, settings)  # its own session on the same chDB
+        health = HealthServer.for_role(settings, "run", {"collector": _collector_health(collector, publisher, nc),
+                                                         "storage_hot": _hot_health(writer, nc, consumers),
+                                                         "storage_cold": archiver.health},
+                                       store=Store(connect(settings.store_url, readonly=True)))
         await health.start()
         lock.write_port(health.port)
         logger.info("marketprism run: health on http://{}:{}/health, store {}", settings.health_host, health.port,
                     redact(settings.store_url))
         stopped = asyncio.Event()
         _on_signals(stopped.set)
-        tasks = [asyncio.create_task(collector.run()), asyncio.create_task(writer.run())]
+        tasks = [asyncio.create_task(collector.run()), asyncio.create_task(writer.run()),
+                 asyncio.create_task(archiver.run())]
         waiter = asyncio.create_task(stopped.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
@@ -161,12 +177,18 @@ async def run_embedded(settings: Settings) -> None:
         # Drain in order: no new records, everything published is acked, everything fetched is stored.
         collector.stop()
         await tasks[0]
+        if collector.recorder:
+            collector.recorder.close()
         await publisher.flush()
         await publisher.close()
         await asyncio.sleep(settings.flush_interval_s * 2)
         writer.stop()
         await tasks[1]
+        archiver.stop()
+        await tasks[2]
+        archiver.close()
         await health.stop()
+        await consumers.stop()
         await nc.drain()
         store.close()
     finally:

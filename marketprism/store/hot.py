@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import msgspec
 import nats
 from loguru import logger
 
 from marketprism import records
+from marketprism.bus.publisher import ack_lines, can_write_raw, write_raw
 from marketprism.ops import metrics
 from marketprism.store.client import Store
 from marketprism.store.schema import ingest_table
@@ -27,6 +29,95 @@ def is_data_error(exc: Exception) -> bool:
     return bool(m) and int(m.group(1)) in DATA_ERROR_CODES
 
 
+class _Stamp(msgspec.Struct):
+    timestamp: int
+
+
+_stamp = msgspec.json.Decoder(_Stamp)
+LATENCY_SAMPLE_EVERY = 16
+_LOG_STEP = math.log(1.05)  # latency buckets 5 % wide: percentiles exact to 5 %
+
+
+def latency_bucket(ms: float) -> float:
+    """Upper bound (ms) of the log-spaced bucket that holds a latency."""
+    return 1.0 if ms <= 1.0 else round(1.05 ** math.ceil(math.log(ms) / _LOG_STEP), 1)
+
+
+def latency_percentiles(buckets: dict[float, int]) -> tuple[float | None, float | None, int]:
+    """(p50, p99, samples) from bucket upper bound -> count; each percentile is its bucket's upper bound."""
+    n = sum(buckets.values())
+    out: list[float | None] = []
+    for q in (0.50, 0.99):
+        seen, found = 0, None
+        for bound in sorted(buckets):
+            seen += buckets[bound]
+            if seen >= q * n:
+                found = bound
+                break
+        out.append(found if n else None)
+    return out[0], out[1], n
+
+
+class Puller:
+    """One durable pull consumer, read through a plain inbox subscription.
+
+    A pull request asks the server for up to `batch` messages within `expires`; a callback collects what
+    arrives. (nats-py's fetch() waits for every message with its own timeout, a timer and a task per
+    message, which costs more than the rest of storage-hot's work on a message.) A message with a reply
+    subject is a stream message (its ack subject); one without is the server's status for the request
+    (408 expired, 404 nothing, 409 ...), which ends that request.
+    """
+
+    def __init__(self, nc: nats.NATS, stream: str, durable: str) -> None:
+        self.nc = nc
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = nc.new_inbox()
+        self.buffer: list = []
+        self.want = 0
+        self.ready = asyncio.Event()
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_msg)
+
+    async def _on_msg(self, msg) -> None:
+        if msg.reply:
+            self.buffer.append(msg)
+            if len(self.buffer) >= self.want:
+                self.ready.set()
+        else:
+            self.ready.set()
+
+    async def collect(self, rows: int, max_age_s: float, stopping: asyncio.Event) -> list:
+        """Up to about `rows` messages, returning when that many arrived or `max_age_s` passed."""
+        deadline = time.monotonic() + max_age_s
+        while len(self.buffer) < rows and not stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.001:
+                break
+            self.want = rows
+            self.ready.clear()
+            request = b'{"batch":%d,"expires":%d}' % (rows - len(self.buffer), int(remaining * 1e9))
+            try:
+                await self.nc.publish(self.next_subject, request, reply=self.inbox)
+                await asyncio.wait_for(self.ready.wait(), remaining + 0.05)
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                break
+            except nats.errors.Error as e:
+                logger.warning("pull request failed: {}", e)
+                await asyncio.sleep(0.5)
+                break
+        out, self.buffer = self.buffer, []
+        return out
+
+    async def close(self) -> list:
+        """Stop receiving; returns what was delivered but not yet collected."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        out, self.buffer = self.buffer, []
+        return out
+
+
 class HotWriter:
     def __init__(self, nc: nats.NATS, store: Store, batch_rows: int = 20000, flush_interval_s: float = 0.25) -> None:
         self.nc = nc
@@ -39,6 +130,17 @@ class HotWriter:
         self.inserted = 0
         self.terminated = 0
         self.errors = 0
+        self.latency: Counter[float] = Counter()  # exchange time -> insert done, sampled
+
+    def _observe_latency(self, group: list) -> None:
+        now_ms = time.time() * 1000
+        for m in group[::LATENCY_SAMPLE_EVERY]:
+            try:
+                ms = max(0.0, now_ms - _stamp.decode(m.data).timestamp)
+            except msgspec.MsgspecError:
+                continue
+            self.latency[latency_bucket(ms)] += 1
+            metrics.STORE_LATENCY.observe(ms / 1000)
 
     async def run(self) -> None:
         await asyncio.gather(*(self._consume(stream) for stream in STREAMS))
@@ -48,31 +150,30 @@ class HotWriter:
         self.stopping.set()
 
     async def _consume(self, stream: str) -> None:
-        sub = await self.nc.jetstream().pull_subscribe_bind(DURABLE, stream)
+        """Collect the next batch while the previous one is inserted (in a worker thread) and acked."""
+        puller = Puller(self.nc, stream, DURABLE)
+        await puller.start()
+        writing: asyncio.Task | None = None
         while not self.stopping.is_set():
-            batch = await self._collect(sub)
+            batch = await puller.collect(self.batch_rows, self.flush_interval_s, self.stopping)
+            if writing is not None:
+                await writing
+                writing = None
+            if self.stopping.is_set():
+                await self._release(batch)
+                break
             if batch:
-                await self._write(batch)
+                writing = asyncio.create_task(self._write(batch))
             if self.failures:
                 await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self.failures, 6)))  # store down: no busy loop
-        await sub.unsubscribe()
+        if writing is not None:
+            await writing
+        await self._release(await puller.close())
 
-    async def _collect(self, sub) -> list:
-        batch: list = []
-        deadline = time.monotonic() + self.flush_interval_s
-        while len(batch) < self.batch_rows and not self.stopping.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0.001:
-                break
-            try:
-                batch += await sub.fetch(batch=min(self.batch_rows - len(batch), 5000), timeout=remaining)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                break
-            except nats.errors.Error as e:
-                logger.warning("fetch failed: {}", e)
-                await asyncio.sleep(0.5)
-                break
-        return batch
+    async def _release(self, msgs: list) -> None:
+        """Messages delivered after the stop: handed back at once rather than after ack_wait."""
+        for m in msgs:
+            await m.nak()
 
     async def _write(self, msgs: list) -> None:
         groups: dict[str, list] = defaultdict(list)
@@ -119,8 +220,16 @@ class HotWriter:
         metrics.ROWS.labels(table=table).inc(len(group))
         self.inserted += len(group)
         self.last_insert[table] = time.time()
-        for m in group:
-            await m.ack()
+        self._observe_latency(group)
+        await self._ack(group)
+
+    async def _ack(self, group: list) -> None:
+        """An explicit ack per message (never AckAll), all of a group's acks in one write."""
+        if can_write_raw(self.nc):
+            await write_raw(self.nc, ack_lines([m.reply for m in group]))
+        else:
+            for m in group:
+                await m.ack()
 
     async def _term(self, msg, reason: str) -> None:
         self.terminated += 1
@@ -129,6 +238,9 @@ class HotWriter:
         await msg.term()
 
     def health(self) -> dict:
+        p50, p99, n = latency_percentiles(self.latency)
         return {"inserted": self.inserted, "terminated": self.terminated, "insert_errors": self.errors,
                 "failing": self.failures > 0,
-                "last_insert": {t: round(ts, 3) for t, ts in self.last_insert.items()}}
+                "last_insert": {t: round(ts, 3) for t, ts in self.last_insert.items()},
+                "store_latency_ms": {"samples": n, "p50": p50, "p99": p99,
+                                     "buckets": sorted(self.latency.items())}}

@@ -1,0 +1,148 @@
+"""`marketprism bench` and the hot-path pieces it measures. No timed assertions: the smoke run checks the
+JSON's shape and that nothing was lost or stored twice; the rest checks exactness, not speed."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from nats.protocol.command import hpub_cmd
+
+from conftest import FIXTURES
+from marketprism.bench import parse
+from marketprism.bench.source import templates
+from marketprism.book import Book
+from marketprism.bus.publisher import Publisher, ack_lines
+from marketprism.store.hot import latency_bucket, latency_percentiles
+
+SMOKE = ["--parse-messages", "3000", "--parse-rounds", "1", "--symbols", "4", "--duration", "2", "--rate", "400",
+         "--latency-rate", "400", "--latency-duration", "2", "--scaling-symbols", "3", "--scaling-rate", "300",
+         "--scaling-duration", "2", "--memory-symbols", "3", "--memory-rate", "150", "--memory-duration", "2"]
+
+
+def test_bench_smoke_run_writes_every_section(tmp_path: Path):
+    out = tmp_path / "latest.json"
+    res = subprocess.run([sys.executable, "-m", "marketprism", "bench", *SMOKE, "--json", str(out),
+                          "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for case in ("binance_trade", "binance_depth"):
+        assert set(data["parse"][case]) >= {"marketprism_msgs_per_s", "cryptofeed_msgs_per_s", "ratio"}
+        assert data["parse"][case]["outputs"]["marketprism"] == 3000
+    assert data["parse"]["binance_depth"]["same_final_book"] in (True, None)  # None: cryptofeed not installed
+    e2e = data["e2e"]
+    assert set(e2e) >= {"records_per_s", "duration_s", "sent", "stored", "lost", "duplicates", "latency_ms",
+                        "cpu_s_per_1k_records"}
+    assert set(e2e["latency_ms"]) >= {"p50", "p99"}
+    assert e2e["sent"] > 0 and e2e["stored"] == e2e["sent"]
+    assert e2e["lost"] == 0 and e2e["duplicates"] == 0
+    assert data["collector"]["rss_mb"] > 0
+    assert data["collector"]["run"]["lost"] == 0 and data["collector"]["run"]["duplicates"] == 0
+    assert [s["symbols"] for s in data["scaling"]] == [3]
+    assert all(set(s) >= {"symbols", "records_per_s", "cpu_s_per_1k_records"} for s in data["scaling"])
+    assert all(s["lost"] == 0 and s["duplicates"] == 0 for s in data["scaling"])
+    assert {t["target"].split()[0] for t in data["targets"]} >= {"parse", "e2e", "latency", "collector", "scaling"}
+    assert "targets" in res.stdout and "records/s" in res.stdout
+
+
+def test_bench_rejects_bad_flags():
+    res = subprocess.run([sys.executable, "-m", "marketprism", "bench", "--parts", "parse,warp"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown part 'warp'" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_parse_cases_feed_both_sides_the_same_frames():
+    trades = parse.trade_frames(FIXTURES, 500)
+    assert len(trades) == 500 and all(json.loads(f)["data"]["e"] == "aggTrade" for f in trades)
+    snapshot, diffs = parse.depth_frames(FIXTURES, 500)
+    data = [json.loads(d)["data"] for d in diffs]
+    assert data[0]["U"] <= json.loads(snapshot)["lastUpdateId"] + 1 <= data[0]["u"]
+    assert all(b["U"] == a["u"] + 1 for a, b in zip(data, data[1:]))  # the chain holds across cycles
+    rate, produced, last = parse.ours_depth(snapshot, diffs)
+    assert produced == 500 and len(last.bids) == len(last.asks) == parse.DEPTH
+
+
+def test_source_templates_keep_the_recorded_frame():
+    recording = FIXTURES / "binance_spot/trade_ws_BTCUSDT_2024-08-08_hftbacktest.jsonl"
+    line = recording.read_bytes().splitlines()[0]
+    template, order = templates(recording, "S001USDT")[0]
+    values = (1700000000123, 42, 1700000000120)
+    frame = json.loads(template % tuple(values[i] for i in order))
+    recorded = json.loads(line)
+    assert frame["stream"] == "s001usdt@trade"
+    assert frame["data"] == {**recorded["data"], "s": "S001USDT", "E": values[0], "t": values[1], "T": values[2]}
+
+
+def test_raw_publish_is_byte_for_byte_what_nats_py_sends():
+    pub = Publisher(nc=None)
+    pub._reply_prefix = b"_INBOX.abc."
+    payload, msg_id = b'{"data_type":"trade"}', "trade:binance:spot:BTC-USDT:3735683259"
+    hdr = b"NATS/1.0\r\nNats-Msg-Id: " + msg_id.encode() + b"\r\n\r\n"
+    expected = hpub_cmd("trade.binance.spot.BTC-USDT", "_INBOX.abc.7", hdr, payload)
+    sent = []
+
+    class FakeNats:
+        is_connected, is_draining_pubs, max_payload = True, False, 1 << 20
+        _flush_queue = type("Q", (), {"empty": staticmethod(lambda: False)})()
+
+        async def _send_command(self, data):
+            sent.append(data)
+
+        async def _flush_pending(self):
+            pass
+
+    pub.nc, pub._raw = FakeNats(), True
+    import asyncio
+    asyncio.run(pub._send(7, "trade.binance.spot.BTC-USDT", payload, msg_id))
+    assert sent == [expected]
+    assert not pub._plain("trade.binance.spot.BTC USDT", msg_id)  # these go through nats-py's checks
+    assert not pub._plain("trade.binance.spot.BTC-USDT", "id\r\nPUB x 0")
+    assert ack_lines(["$JS.ACK.S.c.1.2.3.4.5", "$JS.ACK.S.c.1.2.4.5.5"]) == (
+        b"PUB $JS.ACK.S.c.1.2.3.4.5 0\r\n\r\nPUB $JS.ACK.S.c.1.2.4.5.5 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_book_matches_a_plain_reference(seed):
+    rng = random.Random(seed)
+    book, ref = Book(), {"b": {}, "a": {}}
+    for _ in range(300):
+        rows = {"b": [], "a": []}
+        for side, base in (("b", 100), ("a", 200)):
+            for _ in range(rng.randrange(8)):
+                price = f"{base + rng.randrange(-60, 60) / 4:.2f}"
+                qty = "0.000" if rng.random() < 0.35 else f"{rng.randrange(1, 999) / 100:.3f}"
+                rows[side].append((price, qty))
+                if Decimal(qty) == 0:
+                    ref[side].pop(Decimal(price), None)
+                else:
+                    ref[side][Decimal(price)] = (price, qty)
+        book.update(rows["b"], rows["a"])
+    for depth in (1, 5, 1000):
+        bids, asks = book.top(depth)
+        assert bids == [ref["b"][p] for p in sorted(ref["b"], reverse=True)][:depth]
+        assert asks == [ref["a"][p] for p in sorted(ref["a"])][:depth]
+    assert len(book) == len(ref["b"]) + len(ref["a"])
+    assert book.top(0) == ([], [])
+
+
+def test_book_levels_may_carry_extra_fields_and_cross():
+    book = Book()
+    book.load([("10.5", "1", "0", "3")], [("10.4", "2", "0", "1")])  # OKX rows: price, size, 0, orders
+    assert book.top(5) == ([("10.5", "1")], [("10.4", "2")]) and book.crossed()
+    book.update([("10.5", "0", "0", "0")], [])
+    assert not book.crossed() and len(book) == 1
+
+
+def test_latency_percentiles_are_bucket_bounds():
+    assert latency_bucket(0.2) == 1.0 and latency_bucket(100) >= 100 > latency_bucket(100) / 1.05
+    buckets = {latency_bucket(ms): 0 for ms in (10, 250, 900)}
+    for ms, n in ((10, 90), (250, 9), (900, 1)):
+        buckets[latency_bucket(ms)] += n
+    p50, p99, n = latency_percentiles(buckets)
+    assert n == 100 and p50 == latency_bucket(10) and p99 == latency_bucket(250)
+    assert latency_percentiles({}) == (None, None, 0)
