@@ -97,3 +97,29 @@ def test_nats_restart_under_load_republishes_without_loss(stack):
     assert rows == keys
     # 3 s of records fit the collector's buffer bound: nothing was dropped, so no backpressure gap
     assert stack.query("SELECT count() FROM marketprism_hot.gaps WHERE reason = 'backpressure'") == [["0"]]
+
+
+def test_collector_sigkill_restart_no_duplicates_and_outage_is_a_gap(stack):
+    start_all(stack)
+    wait(lambda: (stack.health("storage-hot") or {}).get("storage_hot", {}).get("inserted", 0) > 300)
+    time.sleep(1.5)  # the stream state is saved once a second
+    assert stack.kill("collector") == -signal.SIGKILL
+    time.sleep(2)
+    stack.start("collector")
+    wait(lambda: stack.health("collector")["collector"]["published_acked"] > 100, 30)
+    finish(stack)
+    seqs, _ = stream_last_seqs(stack.nats_port)
+    rows, keys = stored(stack)
+    assert keys == sum(seqs.values()) and rows == keys  # nothing published twice is stored twice
+    restart = stack.query("SELECT stream_type, exchange, market_type, count() FROM marketprism_hot.gaps "
+                          "WHERE reason = 'restart' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+    # every stream the killed collector was delivering shows the outage
+    assert {(r[0], r[1], r[2]) for r in restart} == {
+        ("orderbook", "binance", "spot"), ("orderbook", "okx", "spot"), ("orderbook", "okx", "perpetual"),
+        ("trade", "binance", "spot"), ("trade", "okx", "spot"), ("trade", "okx", "perpetual")}
+    # the Binance spot trade gap starts right after the last trade the killed collector published
+    first_missing = stack.query("SELECT from_sequence FROM marketprism_hot.gaps WHERE reason = 'restart' "
+                                "AND stream_type = 'trade' AND exchange = 'binance'")[0][0]
+    last_before = stack.query(f"SELECT count() FROM marketprism_hot.trades WHERE exchange = 'binance' "
+                              f"AND toInt64(trade_id) = {first_missing} - 1")[0][0]
+    assert last_before == "1"

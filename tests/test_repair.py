@@ -131,9 +131,8 @@ async def test_retention_and_unrecoverable_gaps_are_reported(cold_store, sim, mo
     (item,) = report["backfill"]
     assert item["unrecoverable"] == 24 and "1-day retention" in item["note"]  # two hours of buckets
     assert 284 <= item["filled"] <= 288
-    assert report["unrecoverable"] == ["trade/binance/spot/BTC-USDT: 1 gap(s), 2.0 s: trade history by id "
-                                       "(Binance aggTrades/historicalTrades, OKX history-trades, Bybit recent-trade) "
-                                       "is not implemented here"]
+    assert report["unrecoverable"] == [f"trade/binance/spot/BTC-USDT: gap {ledger.iso(gap.started_at)}.."
+                                       f"{ledger.iso(gap.ended_at)}: feed binance_spot is not configured"]
     assert "funding_rate okx, deribit" in report["not_covered"]
     text = repair.render(report)
     assert "backfill lsr_all_account/binance/perpetual/BTC-USDT: filled" in text and "unrecoverable trade/" in text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -27,6 +28,7 @@ from loguru import logger
 
 from marketprism import records
 from marketprism.collector import instruments
+from marketprism.collector.continuity import Overflow, StreamState
 from marketprism.collector.coverage import Coverage
 from marketprism.collector.ratelimit import Budgets, Venue
 from marketprism.exchanges import make_feed
@@ -98,10 +100,13 @@ class Pacer:
 
 
 class Collector:
-    def __init__(self, settings: Settings, publish, recorder=None) -> None:
+    def __init__(self, settings: Settings, publish, recorder=None, has_room=None, state_path: Path | None = None):
         self.settings = settings
         self.publish = publish  # async (subject, payload, msg_id) -> None
+        self.has_room = has_room  # () -> bool: can the bus take one more record now?
         self.recorder = recorder
+        self.state = StreamState(state_path) if state_path else None
+        self.overflow = Overflow()
         self.feeds: dict[str, Feed] = {name: make_feed(name, settings.depth, settings.book_interval_ms)
                                        for name in settings.feeds}
         self.coverage = Coverage()
@@ -121,6 +126,9 @@ class Collector:
             # unreachable venue only delays its feed by the connect timeout.
             await asyncio.gather(*(self._first_instruments(feed) for feed in self.feeds.values()))
             jobs = []
+            if self.state:
+                await self._publish_gaps(self.state.restart_gaps(now_ms()))
+                jobs.append(self._save_state_loop())
             for feed in self.feeds.values():
                 jobs += [self._ws_loop(feed, sub) for sub in feed.subscriptions(symbols, types)]
                 jobs += [self._poll_loop(feed, poll.path, poll.interval_s) for poll in feed.polls(symbols, types)]
@@ -137,8 +145,16 @@ class Collector:
         self.stopping.set()
 
     async def emit(self, feed: Feed, recs: list[records.Record]) -> None:
+        if self.overflow.dropped and self._room():
+            await self._publish_gaps(self.overflow.gaps())
         for rec in recs:
             dt = records.data_type(rec)
+            if dt != "gap" and not self._room():
+                self.overflow.drop(rec, dt)  # bounded: the backlog is at its limit; recorded as a gap later
+                metrics.DROPPED.labels(exchange=rec.exchange, data_type=dt).inc()
+                continue
+            if self.state and dt != "gap":
+                self.state.seen(rec, dt)
             if dt == "gap":
                 metrics.count_gap(rec.exchange, rec.market_type, rec.stream_type, rec.reason)
                 logger.warning("gap {} {} {} {}: {} [{}..{}]", rec.exchange, rec.market_type, rec.symbol,
@@ -148,6 +164,22 @@ class Collector:
                 metrics.observe_exchange_latency(rec.exchange, dt, rec.received_at, rec.timestamp)
             metrics.PUBLISHED.labels(exchange=rec.exchange, data_type=dt).inc()
             await self.publish(records.subject(rec), records.encode(rec), records.dedup_key(rec))
+
+    def _room(self) -> bool:
+        return self.has_room is None or self.has_room()
+
+    async def _publish_gaps(self, gaps: list[records.Record]) -> None:
+        for gap in gaps:
+            metrics.count_gap(gap.exchange, gap.market_type, gap.stream_type, gap.reason)
+            logger.warning("gap {} {} {} {}: {} [{}..{}]", gap.exchange, gap.market_type, gap.symbol,
+                           gap.stream_type, gap.reason, gap.from_sequence, gap.to_sequence)
+            await self.publish(records.subject(gap), records.encode(gap), records.dedup_key(gap))
+
+    async def _save_state_loop(self) -> None:
+        while not self.stopping.is_set():
+            await self._sleep(1.0)
+            self.state.save()
+        self.state.save()
 
     async def _handle(self, feed: Feed, data, source: str, link: Link | None = None) -> list[str]:
         received = now_ms()

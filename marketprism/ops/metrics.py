@@ -188,3 +188,7 @@ COVERAGE = CoverageCollector()
 DISK = DiskCollector()
 REGISTRY.register(COVERAGE)
 REGISTRY.register(DISK)
+
+DROPPED = Counter("marketprism_records_dropped_total",
+                  "Records dropped because the JetStream backlog was at its bound (each run becomes a gap)",
+                  ["exchange", "data_type"])

@@ -12,9 +12,11 @@
      so this only fills stretches when the collector was away).
    Rows go into the hot tier through the ingest tables with received_at = now (the hot TTL then keeps them a
    full TTL); windows behind the watermark that received rows are archived at once.
-3. Unrecoverable here, reported: recorded trade and book gaps (trade history by id - Binance aggTrades /
-   historicalTrades, OKX history-trades, Bybit recent-trade - is not implemented: no source to test it
-   against; order books have no history), and the streams without a history source listed in NO_SOURCE.
+3. Trades: recorded trade gaps are filled from trade history (marketprism/ops/backfill.py: Binance spot
+   historicalTrades by trade id, OKX history-trades, Bybit recent-trade), de-duplicated by trade_id against both
+   tiers; what the venue no longer has is reported unrecoverable.
+4. Unrecoverable here, reported: order-book gaps (no history), trade gaps without a source, and the streams
+   without a history source listed in NO_SOURCE.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import msgspec
 
 from marketprism import records
 from marketprism.exchanges import make_feed
+from marketprism.ops import backfill as trades_backfill
 from marketprism.ops import integrity
 from marketprism.settings import Settings
 from marketprism.store import ledger, schema
@@ -229,7 +232,7 @@ def expected(src: Source, start: int, end: int) -> list[int]:
     return list(range(start + (-start) % src.step_ms, end, src.step_ms))
 
 
-async def backfill(settings: Settings, readers, hot: Store, since: int, until: int) -> list[dict]:
+async def backfill(settings: Settings, readers, hot: Store, since: int, until: int) -> tuple[list[dict], list[dict]]:
     out = []
     timeout = aiohttp.ClientTimeout(total=60, connect=settings.connect_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -243,7 +246,9 @@ async def backfill(settings: Settings, readers, hot: Store, since: int, until: i
                         msgspec.MsgspecError) as e:
                     out.append({"stream": f"{src.data_type}/{src.exchange}/{src.market_type}/{symbol}", "filled": 0,
                                 "unrecoverable": 0, "error": str(e) or type(e).__name__})
-    return out
+        trades, left = await trades_backfill.backfill_trades(lambda url: fetch(session, url), settings, readers, hot,
+                                                             since)
+    return out + trades, left
 
 
 # -- cold windows ---------------------------------------------------------------------------------------------
@@ -270,14 +275,20 @@ def recopy(archiver: Archiver, readers, since: int, extra: dict[str, set[int]], 
     return out
 
 
-def gaps_unrecoverable(hot_rows, since: int) -> list[str]:
-    """Recorded gaps of streams without a history source (the others are filled by the backfill above)."""
-    reasons = {"trade": "trade history by id (Binance aggTrades/historicalTrades, OKX history-trades, Bybit "
-                        "recent-trade) is not implemented here", "orderbook": "order books have no public history"}
+def gaps_unrecoverable(hot_rows, since: int, trade_gaps: list[dict] | None = None) -> list[str]:
+    """Recorded gaps of streams without a history source (the others are filled by the backfill above). Trade
+    gaps: only `trade_gaps` (those the trade backfill could not take), or all of them when it did not run."""
+    reasons = {"trade": "not backfilled (--no-backfill)", "orderbook": "order books have no public history"}
     covered = {(src.data_type, src.exchange) for src in SOURCES}
     out = []
+    if trade_gaps is not None:
+        for g in trade_gaps:
+            out.append(f"trade/{g['exchange']}/{g['market_type']}/{g['symbol']}: gap {iso(g['started_at'])}.."
+                       f"{iso(g['ended_at'])}: {g['reason']}")
     for g in integrity.gaps(hot_rows, since):
         data_type, exchange = g["stream"].split("/")[:2]
+        if data_type == "trade" and trade_gaps is not None:
+            continue
         if (data_type, exchange) not in covered:
             out.append(f"{g['stream']}: {g['gaps']} gap(s), {g['duration_s']} s: "
                        f"{reasons.get(data_type, 'no history source')}")
@@ -298,15 +309,17 @@ async def repair(settings: Settings, hot: Store, cold: Store, source, hours: flo
     since = until - int(hours * HOUR_MS)
     readers = (ledger.rows_of(hot), ledger.rows_of(cold))
     report: dict = {"since": iso(since), "until": iso(until), "backfill": [], "recopy": [],
-                    "unrecoverable": gaps_unrecoverable(readers[0], since), "not_covered": list(NO_SOURCE)}
+                    "unrecoverable": [], "not_covered": list(NO_SOURCE)}
     archiver = Archiver(hot, cold, settings, source)
     await asyncio.to_thread(archiver.start)
     touched: dict[str, set[int]] = {}
+    left: list[dict] = []
     if backfill_on:
-        report["backfill"] = await backfill(settings, readers, hot, since, until)
+        report["backfill"], left = await backfill(settings, readers, hot, since, until)
         for item in report["backfill"]:
             table = records.TABLE_FOR[item["stream"].split("/")[0]]
             touched.setdefault(table, set()).update(t - t % archiver.window_ms for t in item.pop("times", []))
+    report["unrecoverable"] = gaps_unrecoverable(readers[0], since, left if backfill_on else None)
     if recopy_on or touched:
         report["recopy"] = await asyncio.to_thread(recopy, archiver, readers, since, touched, recopy_on)
     report["ok"] = all(r["verified"] for r in report["recopy"]) and not any("error" in b for b in report["backfill"])

@@ -73,7 +73,9 @@ async def _collector_part(settings: Settings, nc):
         await publisher.publish(subject, payload, msg_id)
         metrics.PUBLISH_PENDING.set(len(publisher.pending))
 
-    collector = Collector(settings, publish, record.from_settings(settings))
+    collector = Collector(settings, publish, record.from_settings(settings),
+                          has_room=lambda: len(publisher.pending) < publisher.max_pending,
+                          state_path=Path(settings.data_dir) / "collector-state.json")
     collector.coverage = Coverage.from_settings(settings)  # grace and staleness thresholds from settings
     return publisher, collector
 

@@ -118,6 +118,7 @@ class BinanceFeed(Feed):
     def trade_events(self, inst: Instrument, ms: int) -> list[Event]:
         buy, tick, lots, tid = inst.trade()
         inst.agg_id += 1
+        self.tape(inst).append((tid, buy, tick, lots, ms))   # served by /api/v3/historicalTrades
         s, out = inst.id, []
         want_trade, want_agg = self.wanted(("trade", s)), self.wanted(("aggTrade", s))
         if not (want_trade or want_agg):
@@ -197,7 +198,8 @@ class BinanceFeed(Feed):
     def rest_routes(self):
         if not self.usdm:
             return [("/api/v3/depth", self.depth), ("/api/v3/exchangeInfo", self.exchange_info),
-                    ("/api/v3/time", self.time), ("/api/v3/ping", lambda r: {})]
+                    ("/api/v3/time", self.time), ("/api/v3/ping", lambda r: {}),
+                    ("/api/v3/historicalTrades", self.historical_trades)]
         routes = [("/fapi/v1/depth", self.depth), ("/fapi/v1/exchangeInfo", self.exchange_info),
                   ("/fapi/v1/time", self.time), ("/fapi/v1/ping", lambda r: {}),
                   ("/fapi/v1/openInterest", self.open_interest), ("/fapi/v1/premiumIndex", self.premium_index),
@@ -239,6 +241,29 @@ class BinanceFeed(Feed):
             ms = now_ms()
             return {"lastUpdateId": view.cross, "E": ms, "T": ms, "bids": bids, "asks": asks}
         return {"lastUpdateId": view.seq, "bids": bids, "asks": asks}
+
+    def historical_trades(self, request: web.Request) -> list:
+        """GET /api/v3/historicalTrades?symbol=&fromId=&limit= (Binance spot REST docs, market data endpoints,
+        "Old trade lookup": limit default 500, max 1000; fromId "TradeId to fetch from. Default gets most recent
+        trades"; rows {id, price, qty, quoteQty, time, isBuyerMaker, isBestMatch}, oldest first). The simulator
+        keeps the last `tape_size` trades of each symbol: older ids are beyond its history."""
+        inst = self.symbol(request)
+        limit = query_int(request, "limit", 500, 1, 1000)
+        from_id = query_int(request, "fromId", None, 0)
+        tape = self.tapes.get(inst.id) or ()
+        if from_id is None:
+            rows = list(tape)[-limit:]
+        else:
+            first = tape[0][0] if tape else from_id
+            skip = max(0, from_id - first)   # ids in the tape are consecutive
+            rows = [tape[i] for i in range(skip, min(len(tape), skip + limit))]
+        spec, out = inst.spec, []
+        for tid, buy, tick, lots, ms in rows:
+            p, q = spec.price(tick), spec.qty(lots)
+            out.append({"id": tid, "price": p, "qty": q, "quoteQty": fmt_float(float(p) * float(q), 8),
+                        "time": ms, "isBuyerMaker": not buy, "isBestMatch": True})
+        self.count_served("trade", len(out))
+        return out
 
     def time(self, request: web.Request) -> dict:
         return {"serverTime": now_ms()}

@@ -6,6 +6,7 @@ WebSocket topic of that depth, as Bybit documents for GET /v5/market/orderbook.
 
 from __future__ import annotations
 
+import orjson
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -36,13 +37,36 @@ def params_error(text: str) -> RestError:
 def routes(feed: "BybitFeed") -> list:
     out = [("/v5/market/orderbook", partial(orderbook, feed)),
            ("/v5/market/instruments-info", partial(instruments_info, feed)),
-           ("/v5/market/time", server_time)]
+           ("/v5/market/time", server_time),
+           ("/v5/market/recent-trade", partial(recent_trade, feed))]
+    feed.frame_tape = TRADE_TAPE   # recent-trade answers from the trade frames the feed streamed
     if feed.linear:
         out += [("/v5/market/tickers", partial(tickers, feed)),
                 ("/v5/market/open-interest", partial(open_interest, feed)),
                 ("/v5/market/account-ratio", partial(account_ratio, feed)),
                 ("/v5/market/funding/history", partial(funding_history, feed))]
     return out
+
+
+TRADE_TAPE = 1000   # frames per symbol: at least the 1000 trades recent-trade can return
+
+
+def recent_trade(feed: "BybitFeed", request: web.Request) -> dict:
+    """GET /v5/market/recent-trade?category=&symbol=&limit= (Bybit v5 docs, "Get Public Recent Trading History":
+    limit spot [1, 60] default 60, others [1, 1000] default 500; result {category, list: [{execId, symbol, price,
+    size, side, time, isBlockTrade, ...}]}, newest first). Served from the trades streamed on publicTrade.{symbol}
+    (the same execIds as the stream's `i`); trades generated while no client subscribed have no id and are absent."""
+    inst = instrument(feed, request)
+    limit = query_int(request, "limit", 500 if feed.linear else 60, 1, 1000 if feed.linear else 60)
+    rows: list[dict] = []
+    for _ms, frame in reversed(feed.trade_frames.get(f"publicTrade.{inst.id}") or ()):
+        for t in reversed(orjson.loads(frame)["data"]):
+            rows.append({"execId": t["i"], "symbol": t["s"], "price": t["p"], "size": t["v"], "side": t["S"],
+                         "time": str(t["T"]), "isBlockTrade": t["BT"], "isRPITrade": t.get("RPI", False)})
+        if len(rows) >= limit:
+            break
+    feed.count_served("trade", len(rows[:limit]))
+    return ok({"category": feed.category, "list": rows[:limit]})
 
 
 def error_body(status: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -117,6 +118,11 @@ class Feed:
     """Base of every venue feed. Subclasses set `ws_paths` and implement the hooks below."""
 
     ws_paths: tuple[str, ...] = ()
+    # Trade history: a venue keeps its trades for its history endpoints. `tape_size` trades per instrument
+    # (Binance, OKX: kept structurally by the venue module, whether streamed or not); `frame_tape` > 0 keeps
+    # that many streamed trade frames per subscription key instead (Bybit: its trade ids exist only in frames).
+    tape_size: int = 20_000
+    frame_tape: int = 0
 
     def __init__(self, name: str, opts: Options, series: Series):
         self.name = name
@@ -133,6 +139,14 @@ class Feed:
         self._timers: list[list] = []
         self._conn_seq = 0
         self._wanted: dict[object, int] = {}   # key -> sockets subscribed, so unwanted frames are never built
+        self.tapes: dict[str, deque] = {}      # instrument id -> its recent trades (venue-defined tuples)
+        self.trade_frames: dict[object, deque] = {}   # key -> (ms, frame) of streamed trade frames
+
+    def tape(self, inst: Instrument) -> deque:
+        t = self.tapes.get(inst.id)
+        if t is None:
+            t = self.tapes[inst.id] = deque(maxlen=self.tape_size)
+        return t
 
     # ---- hooks for venues -------------------------------------------------------------------
     def rest_routes(self) -> list[tuple[str, Callable[[web.Request], object]]]:
@@ -234,7 +248,16 @@ class Feed:
             for _ in range(n):
                 inst.flip = not inst.flip
                 if inst.flip:
-                    events += self.trade_events(inst, ms)
+                    if self.frame_tape:
+                        trades = self.trade_events(inst, ms)
+                        for key, data, _dtype, _n in trades:
+                            kept = self.trade_frames.get(key)
+                            if kept is None:
+                                kept = self.trade_frames[key] = deque(maxlen=self.frame_tape)
+                            kept.append((ms, data))
+                        events += trades
+                    else:
+                        events += self.trade_events(inst, ms)
                 else:
                     events += self.depth_events(inst, inst.step(), ms)
         return events

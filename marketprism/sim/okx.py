@@ -141,6 +141,7 @@ class OkxFeed(Feed):
     def trade_events(self, inst: Instrument, ms: int) -> list[Event]:
         buy, tick, lots, tid = inst.trade()
         inst.agg_id += 1
+        self.tape(inst).append((tid, buy, tick, lots, ms))   # served by /api/v5/market/history-trades
         if not self.wanted(("trades", inst.id)):
             return []
         trade = {"instId": inst.id, "tradeId": str(tid), "px": inst.spec.price(tick), "sz": inst.spec.qty(lots),
@@ -212,6 +213,7 @@ class OkxFeed(Feed):
         routes = [("/api/v5/market/books", self.books), ("/api/v5/public/instruments", self.instruments_info),
                   ("/api/v5/public/open-interest", self.open_interest), ("/api/v5/public/funding-rate", self.funding),
                   ("/api/v5/public/time", lambda r: ok([{"ts": str(now_ms())}])),
+                  ("/api/v5/market/history-trades", self.history_trades),
                   ("/api/v5/rubik/stat/contracts/long-short-account-ratio", self.ccy_ratio)]
         routes += [(f"/api/v5/rubik/stat/contracts/{path}", self.rubik_handler(wave)) for path, wave in RUBIK.items()]
         return routes
@@ -238,6 +240,26 @@ class OkxFeed(Feed):
         return ok([{"asks": [self.level(spec, t, q) for t, q in view.levels(False, n)],
                     "bids": [self.level(spec, t, q) for t, q in view.levels(True, n)],
                     "ts": str(now_ms()), "seqId": view.seq}])
+
+    def history_trades(self, request: web.Request) -> dict:
+        """GET /api/v5/market/history-trades?instId=&type=&after=&before=&limit= (OKX v5 docs, "Get trades
+        history": type 1 = paginate by tradeId (default), 2 = by timestamp; `after` returns records earlier than
+        that tradeId/ts, `before` newer (tradeId only); limit max and default 100; rows {instId, side, sz, px,
+        source, tradeId, ts}, newest first). The simulator keeps the last `tape_size` trades of each instrument."""
+        inst = self.instrument(request)
+        by_time = request.query.get("type", "1") == "2"
+        limit = query_int(request, "limit", 100, 1, 100)
+        after, before = query_int(request, "after", None, 0), query_int(request, "before", None, 0)
+        key = 4 if by_time else 0
+        rows = [t for t in reversed(self.tapes.get(inst.id) or ())
+                if (after is None or t[key] < after) and (before is None or t[0] > before)]
+        if before is not None and after is None:
+            rows = rows[-limit:]   # the page of newer records adjacent to `before`
+        spec = inst.spec
+        data = [{"instId": inst.id, "side": "buy" if buy else "sell", "sz": spec.qty(lots), "px": spec.price(tick),
+                 "source": "0", "tradeId": str(tid), "ts": str(ms)} for tid, buy, tick, lots, ms in rows[:limit]]
+        self.count_served("trade", len(data))
+        return ok(data)
 
     def open_interest(self, request: web.Request) -> dict:
         inst_id = request.query.get("instId")
