@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nats
 from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
+from loguru import logger
 
 
 def nats_dir() -> Path:
@@ -31,12 +33,28 @@ def consumer_configs() -> list[tuple[str, ConsumerConfig]]:
     return out
 
 
+async def _log_nats_error(e: Exception) -> None:
+    # nats-py's default callback logs a full traceback per failed attempt to stderr; one redacted line is
+    # enough (the messages name host:port, never credentials, but redact in case a URL is echoed back)
+    logger.debug("nats: {}", redact_text(str(e) or type(e).__name__))
+
+
+def redact_text(text: str) -> str:
+    return re.sub(r"(\w+://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
 async def connect(url: str, user: str = "", password: str = "", name: str = "marketprism", **kw) -> nats.NATS:
-    opts = dict(name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
-                allow_reconnect=True, pending_size=64 * 1024 * 1024, **kw)
+    """A bounded first connect (two tries; the caller retries with backoff), then reconnect forever.
+
+    With allow_reconnect on from the start nats-py retries the *first* connect forever, so a wrong URL
+    would hang a role instead of failing it with one line."""
+    opts = dict(name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5, connect_timeout=5,
+                allow_reconnect=True, pending_size=64 * 1024 * 1024, error_cb=_log_nats_error, **kw)
     if user:
         opts.update(user=user, password=password)
-    return await nats.connect(url, **opts)
+    nc = await nats.connect(url, **opts)
+    nc.options["max_reconnect_attempts"] = -1  # read at each reconnect: from here on, never give up
+    return nc
 
 
 async def ensure(nc: nats.NATS) -> list[str]:

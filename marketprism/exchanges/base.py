@@ -10,6 +10,7 @@ feed names symbols by the quote-suffix heuristic and leaves contract-size-depend
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -18,7 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from marketprism.book import Book
-from marketprism.records import Gap, OrderBook, Record
+from marketprism.records import (FundingRate, Gap, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest,
+                                 OrderBook, Record, Trade, VolatilityIndex)
 
 QUOTES = ("USDT", "USDC", "FDUSD", "TUSD", "BUSD", "USD", "DAI", "BTC", "ETH", "BNB", "EUR", "TRY", "BRL", "JPY")
 
@@ -96,6 +98,25 @@ def as_int(value) -> int:
         raise Unparseable("not an integer") from None
 
 
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+# Decimal-string fields per record type. Book levels are not listed: Book.update parses every price and
+# quantity with float(), which already rejects a non-number before a level is stored.
+_DECIMAL_FIELDS = {cls: tuple(f for f in ("price", "quantity", "funding_rate", "mark_price", "index_price",
+                                          "open_interest", "open_interest_value", "long_short_ratio",
+                                          "long_ratio", "short_ratio", "value") if f in cls.__struct_fields__)
+                   for cls in (Trade, FundingRate, OpenInterest, Liquidation, LsrTopPosition, LsrAllAccount,
+                               VolatilityIndex, OrderBook, Gap)}
+
+
+def _decimals_ok(rec: Record) -> bool:
+    """The venue's decimal strings are copied as sent; one that is not a plain decimal is a bad frame."""
+    for field in _DECIMAL_FIELDS[type(rec)]:
+        value = getattr(rec, field)
+        if value is not None and not _DECIMAL.fullmatch(value):
+            return False
+    return True
+
+
 class Feed:
     """Base of one exchange feed (binance_spot, okx, ...). Subclasses implement `_handle`."""
 
@@ -132,7 +153,13 @@ class Feed:
     def on_message(self, data: bytes | str, source: str | None, received_at: int) -> list[Record]:
         """Records from one frame or REST body; a bad frame is counted in `errors` and gives []."""
         try:
-            return self._handle(data, source, received_at)
+            recs = self._handle(data, source, received_at)
+            for rec in recs:
+                if not _decimals_ok(rec):
+                    raise Unparseable("not a decimal")
+            return recs
+        except RecursionError:  # msgspec on JSON nested ~1000 deep
+            self.errors["nested too deep"] += 1
         except Unparseable as e:
             self.errors[str(e) or "unparseable"] += 1
         except (msgspec.ValidationError, KeyError, TypeError, IndexError, AttributeError, InvalidOperation,
