@@ -40,6 +40,12 @@ def drained(stack: Stack) -> bool:
     return all(c.num_pending == 0 and c.num_ack_pending == 0 for c in ci.values())
 
 
+def report(name: str, seqs: dict, rows: int, keys: int, started: float) -> None:
+    """One line per fault for docs/reliability.md (pytest -s shows it)."""
+    print(f"\nFAULT {name}: accepted_by_jetstream={sum(seqs.values())} stored_keys={keys} rows={rows} "
+          f"lost={sum(seqs.values()) - keys} duplicated={rows - keys} wall_s={time.monotonic() - started:.1f}")
+
+
 def stored(stack: Stack) -> tuple[int, int]:
     """(rows, distinct dedup keys) over every table, as storage-hot left them."""
     rows = keys = 0
@@ -66,6 +72,7 @@ def finish(stack: Stack) -> None:
 
 
 def test_storage_hot_sigkill_under_load_loses_nothing(stack):
+    started = time.monotonic()
     start_all(stack)
     wait(lambda: (stack.health("storage-hot") or {}).get("storage_hot", {}).get("inserted", 0) > 300)
     assert stack.kill("storage-hot") == -signal.SIGKILL
@@ -75,11 +82,13 @@ def test_storage_hot_sigkill_under_load_loses_nothing(stack):
     finish(stack)
     seqs, _ = stream_last_seqs(stack.nats_port)
     rows, keys = stored(stack)
+    report("storage-hot SIGKILL, 3 s down", seqs, rows, keys, started)
     assert keys == sum(seqs.values())  # every message JetStream accepted is a stored record
     assert rows == keys  # and none is stored twice
 
 
 def test_nats_restart_under_load_republishes_without_loss(stack):
+    started = time.monotonic()
     start_all(stack)
     wait(lambda: (stack.health("storage-hot") or {}).get("storage_hot", {}).get("inserted", 0) > 300)
     assert stack.kill("nats", signal.SIGKILL) == -signal.SIGKILL
@@ -93,6 +102,7 @@ def test_nats_restart_under_load_republishes_without_loss(stack):
     finish(stack)
     seqs, _ = stream_last_seqs(stack.nats_port)
     rows, keys = stored(stack)
+    report("nats-server SIGKILL, 3 s down, restarted on its store", seqs, rows, keys, started)
     assert keys == sum(seqs.values())
     assert rows == keys
     # 3 s of records fit the collector's buffer bound: nothing was dropped, so no backpressure gap
@@ -100,6 +110,7 @@ def test_nats_restart_under_load_republishes_without_loss(stack):
 
 
 def test_collector_sigkill_restart_no_duplicates_and_outage_is_a_gap(stack):
+    started = time.monotonic()
     start_all(stack)
     wait(lambda: (stack.health("storage-hot") or {}).get("storage_hot", {}).get("inserted", 0) > 300)
     time.sleep(1.5)  # the stream state is saved once a second
@@ -110,6 +121,7 @@ def test_collector_sigkill_restart_no_duplicates_and_outage_is_a_gap(stack):
     finish(stack)
     seqs, _ = stream_last_seqs(stack.nats_port)
     rows, keys = stored(stack)
+    report("collector SIGKILL, 2 s down", seqs, rows, keys, started)
     assert keys == sum(seqs.values()) and rows == keys  # nothing published twice is stored twice
     restart = stack.query("SELECT stream_type, exchange, market_type, count() FROM marketprism_hot.gaps "
                           "WHERE reason = 'restart' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
