@@ -27,6 +27,7 @@ from marketprism import sim
 from marketprism.bus.server import free_port
 from marketprism.records import EXCHANGES, TABLE_FOR
 from marketprism.settings import ENV_PREFIX, FEEDS, Settings
+from marketprism.ops.args import positive_float
 
 TABLES = [TABLE_FOR[dt] for dt in TABLE_FOR if dt != "gap"]
 # DESIGN.md §2: the venues that publish each data type (the cells the demo waits for).
@@ -44,15 +45,6 @@ COUNT_SQL = " UNION ALL ".join(f"SELECT '{t}', exchange, count() FROM marketpris
 Counts = dict[tuple[str, str], int]
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Start the simulator and the embedded pipeline (`marketprism run` on its own data dir "
@@ -61,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "venues have rows.")
     parser.add_argument("--follow", action="store_true", help="keep running and reprint the table every "
                         f"{FOLLOW_INTERVAL_S:.0f} s until Ctrl-C")
-    parser.add_argument("--timeout", type=seconds, default=25.0,
+    parser.add_argument("--timeout", type=positive_float, default=25.0,
                         help="seconds to wait for every venue's rows before printing (default 25)")
     parser.add_argument("--data-dir", help="keep the demo's data here (default: a temporary directory, deleted)")
 

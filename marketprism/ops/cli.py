@@ -11,6 +11,7 @@ from importlib import import_module
 
 from marketprism import settings as settings_mod
 from marketprism.settings import FEEDS, ConfigError
+from marketprism.ops.args import positive_int
 
 ROLES = ("collector", "storage-hot", "storage-cold")
 # Sub-commands that live in their own module: module.add_arguments(parser) and module.main(args, settings) -> int.
@@ -31,15 +32,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def build() -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from marketprism.settings import Settings
 from marketprism.store import ledger
 from marketprism.store.cold import lag_s
 from marketprism.store.ledger import COLD, HOT, TABLES, in_window, iso, key_columns, ms_literal, now_ms
+from marketprism.ops.args import positive_float
 
 FAST_WINDOW_S, SLOW_WINDOW_S = 300, 8 * 3600
 CELL_FEEDS = {  # (exchange, market_type) -> the feed collecting it
@@ -48,20 +49,11 @@ COLLECTED = {
 }
 
 
-def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON document for scripts")
-    parser.add_argument("--hours", type=positive, default=24.0, help="range of the archive, duplicate and gap checks")
-    parser.add_argument("--settle-s", type=positive, default=600.0,
+    parser.add_argument("--hours", type=positive_float, default=24.0, help="range of the archive, duplicate and gap checks")
+    parser.add_argument("--settle-s", type=positive_float, default=600.0,
                         help="leave the newest seconds out of the duplicate check (merges still pending)")
     parser.add_argument("--collector-url", default="", help="the collector's /health (default: local health port)")
 

@@ -40,6 +40,7 @@ from marketprism.store import ledger, schema
 from marketprism.store.client import Store
 from marketprism.store.cold import Archiver
 from marketprism.store.ledger import COLD, HOT, TABLES, iso, ms_literal, now_ms
+from marketprism.ops.args import positive_float
 
 HOUR_MS = 3_600_000
 PERIOD_MS = 300_000  # the collector stores 5-minute ratio buckets
@@ -297,7 +298,7 @@ def gaps_unrecoverable(hot_rows, since: int, trade_gaps: list[dict] | None = Non
 
 # -- the command ------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hours", type=integrity.positive, default=24.0, help="how far back to look (default 24)")
+    parser.add_argument("--hours", type=positive_float, default=24.0, help="how far back to look (default 24)")
     parser.add_argument("--no-backfill", action="store_true", help="only re-copy cold windows")
     parser.add_argument("--no-recopy", action="store_true", help="only backfill from exchange history")
     parser.add_argument("--json", action="store_true", help="one JSON document for scripts")
