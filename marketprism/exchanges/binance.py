@@ -1,4 +1,4 @@
-"""Binance spot and USDⓈ-M futures: wire structs, pure parsers and the diff-depth book sync.
+"""Binance spot and USDⓈ-M futures: pure parsers and the diff-depth book sync (wire structs: binance_wire.py).
 
 Trades use the raw `@trade` stream (one record per exchange trade with Binance's own trade id, so a
 missing id is a detectable gap); `@aggTrade` frames are parsed too (trade_id = aggregate id) for
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections import deque
 
-import msgspec
-
 from marketprism.book import Book
 from marketprism.exchanges.base import (Feed, Poll, Subscription, Unparseable, multiply, query_params,
                                         source_path)
+from marketprism.exchanges.binance_wire import (ANY, COMBINED, DepthSnapshot, ENVELOPE, EVENT, OPEN_INTEREST,
+                                                OpenInterestBody, PREMIUM, PremiumIndex, RATIOS, RatioRow, SNAPSHOT,
+                                                WsAggTrade, WsDepth, WsForceOrder, WsMarkPrice, WsTrade)
 from marketprism.records import (FundingRate, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest, Record,
                                  Trade)
 
@@ -26,105 +27,6 @@ BUFFER_LIMIT = 300
 RATIO_PERIOD = "5m"
 
 
-class WsTrade(msgspec.Struct, tag_field="e", tag="trade", gc=False):
-    E: int
-    s: str
-    t: int
-    p: str
-    q: str
-    T: int
-    m: bool
-
-
-class WsAggTrade(msgspec.Struct, tag_field="e", tag="aggTrade", gc=False):
-    E: int
-    s: str
-    a: int
-    p: str
-    q: str
-    T: int
-    m: bool
-
-
-class WsDepth(msgspec.Struct, tag_field="e", tag="depthUpdate", gc=False):
-    E: int
-    s: str
-    U: int
-    u: int
-    b: list[tuple[str, str]]
-    a: list[tuple[str, str]]
-    pu: int | None = None
-
-
-class WsMarkPrice(msgspec.Struct, tag_field="e", tag="markPriceUpdate", gc=False):
-    E: int
-    s: str
-    p: str
-    r: str
-    T: int
-    i: str | None = None
-
-
-class ForceOrderBody(msgspec.Struct, gc=False):
-    s: str
-    S: str
-    q: str
-    p: str
-    T: int
-
-
-class WsForceOrder(msgspec.Struct, tag_field="e", tag="forceOrder", gc=False):
-    E: int
-    o: ForceOrderBody
-
-
-Event = WsTrade | WsAggTrade | WsDepth | WsMarkPrice | WsForceOrder
-
-
-class Envelope(msgspec.Struct, gc=False):
-    """A combined-stream frame, decoded with its event in one pass (the stream name is not needed)."""
-    data: Event | list[WsMarkPrice]
-
-
-class DepthSnapshot(msgspec.Struct):
-    lastUpdateId: int
-    bids: list[tuple[str, str]]
-    asks: list[tuple[str, str]]
-    E: int | None = None
-    T: int | None = None
-
-
-class OpenInterestBody(msgspec.Struct):
-    symbol: str
-    openInterest: str
-    time: int
-
-
-class PremiumIndex(msgspec.Struct):
-    symbol: str
-    markPrice: str
-    indexPrice: str
-    lastFundingRate: str
-    nextFundingTime: int
-    time: int
-
-
-class RatioRow(msgspec.Struct):
-    symbol: str
-    longShortRatio: str
-    longAccount: str
-    shortAccount: str
-    timestamp: int
-
-
-_COMBINED = (b'{"stream":', '{"stream":')  # aiohttp hands text frames over as str, replay as bytes
-_envelope = msgspec.json.Decoder(Envelope)
-_event = msgspec.json.Decoder(Event | list[WsMarkPrice])
-_snapshot = msgspec.json.Decoder(DepthSnapshot)
-_open_interest = msgspec.json.Decoder(OpenInterestBody)
-_premium = msgspec.json.Decoder(PremiumIndex)
-_ratios = msgspec.json.Decoder(list[RatioRow])
-_any = msgspec.json.Decoder()
 
 
 class DepthSync:
@@ -189,13 +91,13 @@ class BinanceFeed(Feed):
 
     # -- parse -------------------------------------------------------------------------------------
     def _handle(self, data, source, received_at):
-        if data[:10] in _COMBINED:  # a combined-stream frame, the hot path (no REST body starts so)
-            return self._events(_envelope.decode(data).data, received_at)
+        if data[:10] in COMBINED:  # a combined-stream frame, the hot path (no REST body starts so)
+            return self._events(ENVELOPE.decode(data).data, received_at)
         if source and not source.startswith("ws"):
             return self._rest(data, source, received_at)
-        obj = _any.decode(data)
+        obj = ANY.decode(data)
         if isinstance(obj, dict) and "e" in obj:
-            return self._events(_event.decode(data), received_at)
+            return self._events(EVENT.decode(data), received_at)
         if isinstance(obj, dict) and "result" in obj and "id" in obj:
             return []  # subscribe acknowledgement
         return self._bare_rest(obj, data, received_at)
@@ -349,15 +251,15 @@ class BinanceFeed(Feed):
     def _rest(self, data, source: str, received_at: int) -> list[Record]:
         path, params = source_path(source), query_params(source)
         if path.endswith("/depth"):
-            return self._snapshot(params["symbol"], _snapshot.decode(data), received_at)
+            return self._snapshot(params["symbol"], SNAPSHOT.decode(data), received_at)
         if path.endswith("/openInterest"):
-            return [self._open_interest(_open_interest.decode(data), received_at)]
+            return [self._open_interest(OPEN_INTEREST.decode(data), received_at)]
         if path.endswith("/premiumIndex"):
-            return [self._premium(_premium.decode(data), received_at)]
+            return [self._premium(PREMIUM.decode(data), received_at)]
         if path.endswith("/topLongShortPositionRatio"):
-            return self._ratio_rows(LsrTopPosition, _ratios.decode(data), params.get("period", RATIO_PERIOD), received_at)
+            return self._ratio_rows(LsrTopPosition, RATIOS.decode(data), params.get("period", RATIO_PERIOD), received_at)
         if path.endswith("/globalLongShortAccountRatio"):
-            return self._ratio_rows(LsrAllAccount, _ratios.decode(data), params.get("period", RATIO_PERIOD), received_at)
+            return self._ratio_rows(LsrAllAccount, RATIOS.decode(data), params.get("period", RATIO_PERIOD), received_at)
         if path.endswith(("/exchangeInfo", "/time", "/ping")):
             return []
         raise Unparseable("unknown REST path")
@@ -365,7 +267,7 @@ class BinanceFeed(Feed):
     def _bare_rest(self, obj, data, received_at: int) -> list[Record]:
         """A REST body recorded without its request: only bodies whose content says what they are."""
         if isinstance(obj, dict) and "lastUpdateId" in obj:
-            snap = _snapshot.decode(data)
+            snap = SNAPSHOT.decode(data)
             waiting = [i for i, s in self.books.items() if s.snapshot_id is None]
             if len(waiting) == 1:
                 return self._snapshot(waiting[0], snap, received_at)
@@ -375,9 +277,9 @@ class BinanceFeed(Feed):
             self._unassigned = snap  # attached to the next symbol whose diffs arrive without a book
             return []
         if isinstance(obj, dict) and "openInterest" in obj:
-            return [self._open_interest(_open_interest.decode(data), received_at)]
+            return [self._open_interest(OPEN_INTEREST.decode(data), received_at)]
         if isinstance(obj, dict) and "lastFundingRate" in obj:
-            return [self._premium(_premium.decode(data), received_at)]
+            return [self._premium(PREMIUM.decode(data), received_at)]
         if isinstance(obj, list):
             raise Unparseable("ratio body without its source")
         raise Unparseable("unknown message")
