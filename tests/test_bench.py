@@ -41,6 +41,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path):
     assert set(e2e["latency_ms"]) >= {"p50", "p99"}
     assert e2e["sent"] > 0 and e2e["stored"] == e2e["sent"]
     assert e2e["lost"] == 0 and e2e["duplicates"] == 0
+    assert data["store_check"]["extra_rows"] == 0  # storage-hot inserted each record once
     assert data["collector"]["rss_mb"] > 0
     assert data["collector"]["run"]["lost"] == 0 and data["collector"]["run"]["duplicates"] == 0
     assert [s["symbols"] for s in data["scaling"]] == [3]
@@ -100,8 +101,8 @@ def test_raw_publish_is_byte_for_byte_what_nats_py_sends():
     import asyncio
     asyncio.run(pub._send(7, "trade.binance.spot.BTC-USDT", payload, msg_id))
     assert sent == [expected]
-    assert not pub._plain("trade.binance.spot.BTC USDT", msg_id)  # these go through nats-py's checks
-    assert not pub._plain("trade.binance.spot.BTC-USDT", "id\r\nPUB x 0")
+    assert pub._plain("trade.binance.spot.BTC USDT", msg_id) is None  # these go through nats-py's checks
+    assert pub._plain("trade.binance.spot.BTC-USDT", "id\r\nPUB x 0") is None
     assert ack_lines(["$JS.ACK.S.c.1.2.3.4.5", "$JS.ACK.S.c.1.2.4.5.5"]) == (
         b"PUB $JS.ACK.S.c.1.2.3.4.5 0\r\n\r\nPUB $JS.ACK.S.c.1.2.4.5.5 0\r\n\r\n")
 

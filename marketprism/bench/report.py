@@ -68,7 +68,7 @@ def targets(out: dict) -> list[dict]:
         ratio = (parse.get(case) or {}).get("ratio")
         add(f"parse {case} vs cryptofeed", f">= {want:g}x", ratio, None if ratio is None else ratio >= want)
     rps = e2e.get("records_per_s")
-    clean = e2e.get("lost") == 0 and e2e.get("duplicates") == 0
+    clean = e2e.get("lost") == 0 and e2e.get("duplicates") == 0 and not (out.get("store_check") or {}).get("extra_rows")
     add("e2e records/s for 60 s, lost = duplicates = 0", ">= 50000", rps,
         None if rps is None else bool(rps >= 50000 and clean and (e2e.get("duration_s") or 0) >= 60))
     lat = e2e.get("latency_ms") or {}
@@ -116,6 +116,10 @@ def table(out: dict) -> str:
                          f"{_fmt(r['collector_rss_mb']['max']):>9}{_fmt(r['other_load_cores']):>13}")
         lines.append("  cpu cores used per process: " + "; ".join(
             f"{r['name']}: " + ", ".join(f"{k} {v}" for k, v in r["cpu_cores"].items()) for r in runs))
+    check = out.get("store_check")
+    if check:
+        lines.append(f"  store check, all runs: {check['rows_inserted']:,} rows inserted by storage-hot, "
+                     f"{check['distinct_keys_stored']:,} distinct dedup keys stored, extra rows {check['extra_rows']}")
     prof = ((out.get("e2e") or {}).get("run") or {}).get("profile") or {}
     for role, summary in prof.items():
         if summary:

@@ -117,10 +117,14 @@ class Stack:
         self._spawn("source", [*command, "--port", str(self.source_port)], self.env)
         wait_until(lambda: self.check_alive("source") or self.sim_stats() is not None, 30, "the load source answering")
 
-    def start_collector(self, symbols: list[str], data_types: str, depth: int, book_interval_ms: int) -> None:
+    def start_collector(self, name: str, symbols: list[str], data_types: str, depth: int,
+                        book_interval_ms: int) -> None:
+        """A collector with a data directory of its own: each load is a first start, not a restart of the
+        previous load's collector (whose saved state would give restart gaps for its symbols)."""
         url = f"127.0.0.1:{self.source_port}/{FEED}"
         self._spawn("collector", ["marketprism", "collector"], {
-            **self.env, "MARKETPRISM_FEEDS": FEED, "MARKETPRISM_SYMBOLS": ",".join(symbols),
+            **self.env, "MARKETPRISM_DATA_DIR": str(self.dir / f"collector-{name}"),
+            "MARKETPRISM_FEEDS": FEED, "MARKETPRISM_SYMBOLS": ",".join(symbols),
             "MARKETPRISM_DATA_TYPES": data_types, "MARKETPRISM_DEPTH": str(depth),
             "MARKETPRISM_BOOK_INTERVAL_MS": str(book_interval_ms),
             f"MARKETPRISM_{FEED.upper()}_WS_URL": f"ws://{url}", f"MARKETPRISM_{FEED.upper()}_REST_URL": f"http://{url}",

@@ -76,7 +76,7 @@ class Publisher:
         self._prefix = ""
         self._reply_prefix = b""
         self._raw = has_raw_writes(nc)
-        self._plain_subjects: set[str] = set()  # subjects checked free of whitespace
+        self._subjects: dict[str, bytes] = {}  # subjects checked free of whitespace, encoded
         self._sub = None
         self._retry_task: asyncio.Task | None = None
 
@@ -96,24 +96,27 @@ class Publisher:
         self._empty.clear()
         await self._send(n, subject, payload, msg_id)
 
-    def _plain(self, subject: str, msg_id: str) -> bool:
-        """Both fit the protocol line as they are: what publish() would send unchanged."""
-        if subject not in self._plain_subjects:
+    def _plain(self, subject: str, msg_id: str) -> bytes | None:
+        """The encoded subject if both fit the protocol line as they are (what publish() would send
+        unchanged), else None."""
+        encoded = self._subjects.get(subject)
+        if encoded is None:
             if _UNSAFE.search(subject):
-                return False
-            if len(self._plain_subjects) > 100_000:
-                self._plain_subjects.clear()
-            self._plain_subjects.add(subject)
-        return msg_id.isprintable() and msg_id.strip() == msg_id  # header value: no CR/LF, nothing to trim
+                return None
+            if len(self._subjects) > 100_000:
+                self._subjects.clear()
+            encoded = self._subjects[subject] = subject.encode()
+        # header value: no CR/LF or other control characters, nothing publish() would trim
+        return encoded if msg_id.isprintable() and msg_id.strip() == msg_id else None
 
     async def _send(self, n: int, subject: str, payload: bytes, msg_id: str) -> None:
         nc = self.nc
         if (self._raw and nc.is_connected and not nc.is_draining_pubs and len(payload) <= nc.max_payload
-                and self._plain(subject, msg_id)):
+                and (subj := self._plain(subject, msg_id)) is not None):
             mid = msg_id.encode()
             hdr = _HDR_FIXED + len(mid)
             await write_raw(nc, b"HPUB %s %s%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n" % (
-                subject.encode(), self._reply_prefix, n, hdr, hdr + len(payload), mid, payload))
+                subj, self._reply_prefix, n, hdr, hdr + len(payload), mid, payload))
         else:
             await nc.publish(subject, payload, reply=f"{self._prefix}{n}", headers={"Nats-Msg-Id": msg_id})
 
