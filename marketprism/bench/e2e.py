@@ -76,15 +76,16 @@ class Pipeline:
         phase = Phase(load, len(self.phases) + 1)
         self.phases.append(phase)
         st = self.stack
+        before = _inserted(st)
         st.start_source(self.source_command(phase))
         st.start_collector(phase.tag, phase.symbols(), "trade,orderbook" if load.books else "trade", load.depth,
                            load.book_interval_ms)
         try:
-            phase.result = _measure(st, load)
+            phase.result = _measure(st, load, before)
         finally:
             st.stop("collector")
             st.stop("source")
-        phase.result["inserted"] = _settled(st) - phase.result.pop("inserted_before")
+        phase.result["inserted"] = _settled(st) - before  # rows of this load, its disconnect gaps included
         return phase.result
 
     def finish(self) -> dict:
@@ -115,7 +116,8 @@ def _books_live(st: Stack, symbols: int) -> bool:
     return (feed.get("served") or {}).get("orderbook", 0) >= symbols
 
 
-def _measure(st: Stack, load: Load) -> dict:
+def _measure(st: Stack, load: Load, before: int) -> dict:
+    """`before`: storage-hot's row count before the load's source started."""
     started = time.monotonic()
     wait_until(lambda: st.check_alive("collector", "source", "storage-hot") or sum(st.sent().values()) > 0, 90,
                "the first record from the source", 0.05)
@@ -148,7 +150,7 @@ def _measure(st: Stack, load: Load) -> dict:
     time.sleep(0.2)  # a tick being written when the pause came still counts
     sent = st.sent()
     expected = None if load.books else sent.get("trade", 0)
-    t_end = _drain(st, inserted0, expected, t_pause)
+    t_end = _drain(st, before, expected, t_pause)
     window = t_end - t0
     cpu = {name: round(cpu_seconds(pid) - cpu0[name], 2) for name, pid in pids.items()}
     ours = sum(cpu.values()) + time.process_time() - own0
@@ -170,7 +172,7 @@ def _measure(st: Stack, load: Load) -> dict:
                              "peak_since_start": round(peak_rss_mb(pids["collector"]), 1)},
         "startup_s": round(startup_s, 1),
         "publisher": {"acked": collector.get("published_acked"), "pending": collector.get("publish_pending")},
-        "inserted_before": inserted0, "timeline": timeline, "profile": profiles,
+        "timeline": timeline, "profile": profiles,
     }
 
 

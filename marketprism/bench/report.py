@@ -51,7 +51,8 @@ def assemble(out: dict, runs: dict[str, dict], scaling: list[dict]) -> None:
     if mem:
         out["collector"] = {"rss_mb": mem["collector_rss_mb"]["max"], "books": mem["symbols"],
                             "book_levels_per_side_stored": mem.get("book_levels_per_side"),
-                            "messages_per_s": round(mem["sent"] / max(mem["source_s"], 1e-9)), "run": mem}
+                            "messages_per_s": round(mem["sent_in_window"] / max(mem["source_s"], 1e-9)),
+                            "startup_s": mem["startup_s"], "run": mem}
     out["scaling"] = [{"symbols": r["symbols"], "records_per_s": r["records_per_s"],
                        "cpu_s_per_1k_records": r["cpu_s_per_1k_records"], "lost": r["lost"],
                        "duplicates": r["duplicates"], "run": r} for r in scaling]
