@@ -17,7 +17,8 @@ from conftest import FIXTURES
 from marketprism.bench import parse
 from marketprism.bench.source import templates
 from marketprism.book import Book
-from marketprism.bus.publisher import Publisher, ack_lines
+from marketprism.bus import wire
+from marketprism.bus.publisher import Publisher
 from marketprism.store.hot import latency_bucket, latency_percentiles
 
 SMOKE = ["--parse-messages", "3000", "--parse-rounds", "1", "--symbols", "4", "--duration", "2", "--rate", "400",
@@ -103,8 +104,11 @@ def test_raw_publish_is_byte_for_byte_what_nats_py_sends():
     assert sent == [expected]
     assert pub._plain("trade.binance.spot.BTC USDT", msg_id) is None  # these go through nats-py's checks
     assert pub._plain("trade.binance.spot.BTC-USDT", "id\r\nPUB x 0") is None
-    assert ack_lines(["$JS.ACK.S.c.1.2.3.4.5", "$JS.ACK.S.c.1.2.4.5.5"]) == (
+    assert wire.reply_lines([b"$JS.ACK.S.c.1.2.3.4.5", b"$JS.ACK.S.c.1.2.4.5.5"], wire.ACK) == (
         b"PUB $JS.ACK.S.c.1.2.3.4.5 0\r\n\r\nPUB $JS.ACK.S.c.1.2.4.5.5 0\r\n\r\n")
+    assert wire.reply_lines([b"$JS.ACK.S.c.1.2.3.4.5"], wire.nak(1.5)) == (
+        b'PUB $JS.ACK.S.c.1.2.3.4.5 26\r\n-NAK {"delay": 1500000000}\r\n')
+    assert wire.reply_lines([b"r"], wire.TERM) == b"PUB r 5\r\n+TERM\r\n"
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -4,7 +4,7 @@ Every message carries `Nats-Msg-Id` (the record's dedup key), so a message re-se
 a reconnect is dropped by the stream's duplicate window instead of being stored twice. Unacked messages
 are held (bounded by `max_pending`) and re-sent until the stream acknowledges them.
 
-On the hot path the protocol line is written straight into nats-py's outgoing buffer (`write_raw`):
+On the hot path the protocol line is written straight into nats-py's outgoing buffer (`wire.write_raw`):
 nats-py's publish() spends more time validating and assembling headers than the rest of a record's trip
 through the collector. What goes on the wire is exactly what publish() would send; anything it would
 have to check (whitespace in a subject or id, an oversized payload, a closed connection) takes the
@@ -22,6 +22,9 @@ import time
 import msgspec
 import nats
 from loguru import logger
+
+from marketprism.bus import wire
+from marketprism.ops import metrics
 
 _UNSAFE = re.compile(r"[\s]")  # in a subject it would break the protocol line; publish() rejects it properly
 _HDR_FIXED = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
@@ -41,29 +44,6 @@ class PubAck(msgspec.Struct):
 _ack = msgspec.json.Decoder(PubAck)
 
 
-def has_raw_writes(nc: nats.NATS) -> bool:
-    """True if this nats-py has the outgoing buffer that write_raw() feeds."""
-    return hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending") and hasattr(nc, "_flush_queue")
-
-
-def can_write_raw(nc: nats.NATS) -> bool:
-    """True while protocol lines can go straight to the buffer (connected, not draining)."""
-    return has_raw_writes(nc) and nc.is_connected and not nc.is_draining_pubs
-
-
-async def write_raw(nc: nats.NATS, data: bytes, wake: bool = True) -> None:
-    """Queue protocol bytes and (unless the caller wakes it later) wake nats-py's flusher, as its own
-    publish() does after a PUB."""
-    await nc._send_command(data)
-    if wake and nc._flush_queue.empty():
-        await nc._flush_pending()
-
-
-def ack_lines(replies) -> bytes:
-    """One empty PUB per JetStream ack subject: an explicit ack of each message, written as one buffer."""
-    return b"".join([b"PUB %s 0\r\n\r\n" % r.encode() for r in replies])
-
-
 class Publisher:
     def __init__(self, nc: nats.NATS, max_pending: int = 50000, ack_timeout_s: float = 5.0) -> None:
         self.nc = nc
@@ -74,6 +54,8 @@ class Publisher:
         self.duplicates = 0
         self.resent = 0
         self.rejected = 0
+        self.last_rejection: tuple[float, str] | None = None  # (monotonic time, JetStream's description)
+        self._refused: set[int] = set()  # rejected, not re-sent yet: their re-send is no ack timeout
         self._ids = itertools.count(1)
         self._room = asyncio.Event()
         self._room.set()
@@ -81,7 +63,7 @@ class Publisher:
         self._empty.set()
         self._prefix = ""
         self._reply_prefix = b""
-        self._raw = has_raw_writes(nc)
+        self._raw = wire.has_raw_writes(nc)
         self._wake: asyncio.TimerHandle | None = None  # the flusher wake-up of the publishes queued since
         self._subjects: dict[str, bytes] = {}  # subjects checked free of whitespace, encoded
         self._sub = None
@@ -90,7 +72,7 @@ class Publisher:
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox() + "."
         self._reply_prefix = self._prefix.encode()
-        self._sub = await self.nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        self._sub = await wire.subscribe(self.nc, self._prefix + "*", self._on_ack)
         self._retry_task = asyncio.create_task(self._retry_loop())
 
     async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
@@ -122,7 +104,7 @@ class Publisher:
                 and (subj := self._plain(subject, msg_id)) is not None):
             mid = msg_id.encode()
             hdr = _HDR_FIXED + len(mid)
-            await write_raw(nc, b"HPUB %s %s%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n" % (
+            await wire.write_raw(nc, b"HPUB %s %s%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n%s\r\n" % (
                 subj, self._reply_prefix, n, hdr, hdr + len(payload), mid, payload), wake=False)
             if self._wake is None:
                 self._wake = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self._wake_flusher)
@@ -135,18 +117,21 @@ class Publisher:
         if queue is not None and queue.empty() and self.nc.is_connected:
             asyncio.ensure_future(self.nc._flush_pending())
 
-    async def _on_ack(self, msg) -> None:
-        n = int(msg.subject[len(self._prefix):])
+    def _on_ack(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        n = int(subject[len(self._reply_prefix):])
         entry = self.pending.get(n)
         if entry is None:
             return  # an ack for a message already acked through a re-send
         try:
-            ack = _ack.decode(msg.data)
+            ack = _ack.decode(data)
         except msgspec.MsgspecError:
             ack = PubAck(error={"description": "unreadable ack"})
         if ack.error:
             # Stream full (discard new) or unavailable: keep it and re-send later, never drop silently.
             self.rejected += 1
+            self.last_rejection = (time.monotonic(), str(ack.error.get("description") or ack.error))
+            self._refused.add(n)
+            metrics.publish_failed(entry[0], "rejected")
             if self.rejected % 1000 == 1:
                 logger.warning("JetStream rejected a publish on {}: {}", entry[0], ack.error.get("description"))
             return
@@ -177,6 +162,10 @@ class Publisher:
                 subject, payload, msg_id, _ = entry
                 self.pending[n] = (subject, payload, msg_id, time.monotonic())
                 self.resent += 1
+                if n in self._refused:
+                    self._refused.discard(n)
+                else:
+                    metrics.publish_failed(subject, "ack_timeout")
                 await self._send(n, subject, payload, msg_id)
 
     async def flush(self, timeout_s: float = 30.0) -> bool:
@@ -195,4 +184,4 @@ class Publisher:
         if self._retry_task:
             self._retry_task.cancel()
         if self._sub:
-            await self._sub.unsubscribe()
+            await wire.unsubscribe(self.nc, self._sub)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nats
 from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
 from loguru import logger
+
+from marketprism.bus import wire
 
 
 def nats_dir() -> Path:
@@ -43,6 +46,39 @@ def redact_text(text: str) -> str:
     return re.sub(r"(\w+://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
+def client_options(settings) -> dict:
+    """Credentials and TLS for connect() from the settings: user/password or an nkey seed file, and a TLS
+    context (nats-py `tls=`) when a CA or client certificate is set or the URL is tls://."""
+    opts: dict = {}
+    if settings.nats_nkey_seed:
+        opts["nkeys_seed"] = settings.nats_nkey_seed  # nats-py reads it at each (re)connect to sign the nonce
+    elif settings.nats_user:
+        opts.update(user=settings.nats_user, password=settings.nats_password)
+    tls = settings.nats_tls()
+    if tls is not None:
+        opts["tls"] = tls
+    return opts
+
+
+def uses_tls(nc: nats.NATS, url: str) -> bool:
+    """True if the connection runs over TLS (nats-py upgrades only when the server's INFO requires it)."""
+    if urlsplit(url).scheme == "wss":
+        return True
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    return writer is not None and writer.get_extra_info("ssl_object") is not None
+
+
+async def require_tls(nc: nats.NATS, url: str, tls) -> None:
+    """With TLS configured, refuse a server that did not switch to TLS instead of going on in clear.
+
+    nats-py has no "TLS required" switch: it upgrades when the server's INFO asks for it, else stays in
+    clear. So this check comes after the CONNECT line (password or nkey signature) went out."""
+    if (tls is not None or url.startswith("tls://")) and not uses_tls(nc, url):
+        await nc.close()
+        raise ConnectionError("the server did not switch to TLS, but nats_tls_ca, nats_tls_cert or a tls:// "
+                              "nats_url requires it")
+
+
 async def connect(url: str, user: str = "", password: str = "", name: str = "marketprism", **kw) -> nats.NATS:
     """A bounded first connect (two tries; the caller retries with backoff), then reconnect forever.
 
@@ -52,7 +88,10 @@ async def connect(url: str, user: str = "", password: str = "", name: str = "mar
                 allow_reconnect=True, pending_size=64 * 1024 * 1024, error_cb=_log_nats_error, **kw)
     if user:
         opts.update(user=user, password=password)
-    nc = await nats.connect(url, **opts)
+    nc = nats.NATS()
+    wire.install(nc)
+    await nc.connect(url, **opts)
+    await require_tls(nc, url, kw.get("tls"))
     nc.options["max_reconnect_attempts"] = -1  # read at each reconnect: from here on, never give up
     return nc
 

@@ -13,7 +13,7 @@ import nats
 from loguru import logger
 
 from marketprism import records
-from marketprism.bus.publisher import ack_lines, can_write_raw, write_raw
+from marketprism.bus import wire
 from marketprism.ops import metrics
 from marketprism.store.client import Store
 from marketprism.store.schema import ingest_table
@@ -61,11 +61,12 @@ def latency_percentiles(buckets: dict[float, int]) -> tuple[float | None, float 
 class Puller:
     """One durable pull consumer, read through a plain inbox subscription.
 
-    A pull request asks the server for up to `batch` messages within `expires`; a callback collects what
-    arrives. (nats-py's fetch() waits for every message with its own timeout, a timer and a task per
-    message, which costs more than the rest of storage-hot's work on a message.) A message with a reply
-    subject is a stream message (its ack subject); one without is the server's status for the request
-    (408 expired, 404 nothing, 409 ...), which ends that request.
+    A pull request asks the server for up to `batch` messages within `expires`; the lean parser hands
+    each arrival to `_on_msg` as (subject, reply, payload) bytes. (nats-py's fetch() waits for every
+    message with its own timeout, a timer and a task per message, which costs more than the rest of
+    storage-hot's work on a message.) A message with a reply subject is a stream message (its ack
+    subject); one without is the server's status for the request (408 expired, 404 nothing, 409 ...),
+    which ends that request.
     """
 
     def __init__(self, nc: nats.NATS, stream: str, durable: str) -> None:
@@ -78,11 +79,11 @@ class Puller:
         self._sub = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_msg)
+        self._sub = await wire.subscribe(self.nc, self.inbox, self._on_msg)
 
-    async def _on_msg(self, msg) -> None:
-        if msg.reply:
-            self.buffer.append(msg)
+    def _on_msg(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        if reply:
+            self.buffer.append((subject, reply, data))
             if len(self.buffer) >= self.want:
                 self.ready.set()
         else:
@@ -113,7 +114,7 @@ class Puller:
     async def close(self) -> list:
         """Stop receiving; returns what was delivered but not yet collected."""
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            await wire.unsubscribe(self.nc, self._sub)
         out, self.buffer = self.buffer, []
         return out
 
@@ -134,9 +135,9 @@ class HotWriter:
 
     def _observe_latency(self, group: list) -> None:
         now_ms = time.time() * 1000
-        for m in group[::LATENCY_SAMPLE_EVERY]:
+        for _, _, data in group[::LATENCY_SAMPLE_EVERY]:
             try:
-                ms = max(0.0, now_ms - _stamp.decode(m.data).timestamp)
+                ms = max(0.0, now_ms - _stamp.decode(data).timestamp)
             except msgspec.MsgspecError:
                 continue
             self.latency[latency_bucket(ms)] += 1
@@ -172,15 +173,15 @@ class HotWriter:
 
     async def _release(self, msgs: list) -> None:
         """Messages delivered after the stop: handed back at once rather than after ack_wait."""
-        for m in msgs:
-            await m.nak()
+        if msgs:
+            await wire.reply_all(self.nc, [m[1] for m in msgs], wire.nak())
 
     async def _write(self, msgs: list) -> None:
         groups: dict[str, list] = defaultdict(list)
         for msg in msgs:
-            dt = msg.subject.split(".", 1)[0]
+            dt = msg[0].split(b".", 1)[0].decode()
             try:
-                rec = records.decode(msg.data)
+                rec = records.decode(msg[2])
                 if records.data_type(rec) != dt:
                     raise ValueError("data_type does not match the subject")
             except (msgspec.MsgspecError, ValueError) as e:
@@ -191,7 +192,7 @@ class HotWriter:
             await self._insert(dt, group)
 
     async def _insert(self, dt: str, group: list) -> None:
-        payload = b"\n".join(m.data for m in group)
+        payload = b"\n".join([m[2] for m in group])
         started = time.monotonic()
         try:
             await asyncio.to_thread(self.store.insert_json, ingest_table(dt), payload)
@@ -210,8 +211,7 @@ class HotWriter:
             delay = min(30.0, 0.5 * 2 ** min(self.failures, 6))
             logger.warning("insert into {} failed ({} rows), retry in {:.1f}s: {}", dt, len(group), delay,
                            str(e).splitlines()[0][:200])
-            for m in group:
-                await m.nak(delay=delay)
+            await wire.reply_all(self.nc, [m[1] for m in group], wire.nak(delay))
             return
         self.failures = 0
         table = records.TABLE_FOR[dt]
@@ -225,17 +225,14 @@ class HotWriter:
 
     async def _ack(self, group: list) -> None:
         """An explicit ack per message (never AckAll), all of a group's acks in one write."""
-        if can_write_raw(self.nc):
-            await write_raw(self.nc, ack_lines([m.reply for m in group]))
-        else:
-            for m in group:
-                await m.ack()
+        await wire.reply_all(self.nc, [m[1] for m in group], wire.ACK)
 
     async def _term(self, msg, reason: str) -> None:
         self.terminated += 1
         metrics.TERMINATED.labels(reason=reason.split(":")[0]).inc()
-        logger.error("dropping message on {} that can never be stored: {}", msg.subject, reason)
-        await msg.term()
+        logger.error("dropping message on {} that can never be stored: {}", msg[0].decode(errors="replace"),
+                     reason)
+        await wire.reply_all(self.nc, [msg[1]], wire.TERM)
 
     def health(self) -> dict:
         p50, p99, n = latency_percentiles(self.latency)
