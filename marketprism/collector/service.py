@@ -116,6 +116,9 @@ class Collector:
         self.stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
+        # labelled metric children, looked up once: labels() costs more than the increment
+        self._frames = {name: metrics.FRAMES.labels(feed=name) for name in self.feeds}
+        self._published: dict[tuple[str, str], object] = {}
         self._reported_errors: dict = {}  # feed -> total, (feed, reason) -> count, as counted in metrics
 
     async def run(self) -> None:
@@ -162,7 +165,11 @@ class Collector:
             else:
                 self.coverage.seen(dt, rec.exchange, rec.market_type)
                 metrics.observe_exchange_latency(rec.exchange, dt, rec.received_at, rec.timestamp)
-            metrics.PUBLISHED.labels(exchange=rec.exchange, data_type=dt).inc()
+            counter = self._published.get((rec.exchange, dt))
+            if counter is None:
+                counter = self._published[(rec.exchange, dt)] = metrics.PUBLISHED.labels(exchange=rec.exchange,
+                                                                                          data_type=dt)
+            counter.inc()
             await self.publish(records.subject(rec), records.encode(rec), records.dedup_key(rec))
 
     def _room(self) -> bool:
@@ -183,7 +190,7 @@ class Collector:
 
     async def _handle(self, feed: Feed, data, source: str, link: Link | None = None) -> list[str]:
         received = now_ms()
-        metrics.FRAMES.labels(feed=feed.name).inc()
+        self._frames[feed.name].inc()
         if self.recorder:
             self.recorder.write(feed.name, received, source, data)
         feed.control_frame = False
@@ -246,37 +253,51 @@ class Collector:
 
     async def _session_once(self, feed: Feed, sub: Subscription, url: str, link: Link) -> str:
         """One connection, until it is stale, dropped, too old or the collector stops; returns why."""
-        idle_s = feed.idle_timeout_s or self.settings.idle_timeout_s
-        max_age = feed.max_connection_age_s
         async with self._session.ws_connect(url, autoping=True, max_msg_size=0, compress=0) as ws:
             logger.info("{}: connected {}", feed.name, url)
             self.connected[id(link)] = now_ms()
             pacer = Pacer(feed.sends_per_s)
             await pacer.send(ws, sub.messages)
             pinger = asyncio.create_task(self._ping(ws, feed)) if feed.ping_frame else None
-            opened = time.monotonic()
+            ended: list[str] = []  # why the watchdog closed the connection
+            watchdog = asyncio.create_task(self._watch(ws, feed, url, link, ended))
             try:
-                while not self.stopping.is_set():
-                    if max_age is not None and time.monotonic() - opened >= max_age:
-                        logger.info("{}: {} open for {}s, reconnecting before the venue drops it", feed.name,
-                                    url, max_age)
-                        return "disconnect"
-                    try:  # short waits so that a stop (or the connection's age) is noticed within a second
-                        msg = await ws.receive(timeout=min(1.0, max_age or 1.0))
-                    except asyncio.TimeoutError:
-                        msg = None
-                    if msg is not None and msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                while True:
+                    # No timeout per receive (aiohttp's timeout context costs as much as reading the frame):
+                    # the watchdog closes the socket on a stop, staleness or age, which ends the receive.
+                    msg = await ws.receive()
+                    if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
                         await pacer.send(ws, await self._handle(feed, msg.data, url, link))
-                    elif msg is not None:  # CLOSE, CLOSING, CLOSED, ERROR
-                        logger.warning("{}: socket closed by peer ({})", feed.name, msg.extra or msg.type.name)
-                        return "disconnect"
-                    if time.monotonic() - max(link.last_data, opened) > idle_s:
-                        logger.warning("{}: no market data for {}s on {}, reconnecting", feed.name, idle_s, url)
-                        return "stale"
-                return "disconnect"
+                        continue
+                    if ended:
+                        return ended[0]
+                    logger.warning("{}: socket closed by peer ({})", feed.name, msg.extra or msg.type.name)
+                    return "disconnect"
             finally:
+                watchdog.cancel()
                 if pinger:
                     pinger.cancel()
+
+    async def _watch(self, ws, feed: Feed, url: str, link: Link, ended: list[str]) -> None:
+        """Checks once a second whether the connection should end; if so says why in `ended` and closes it."""
+        idle_s = feed.idle_timeout_s or self.settings.idle_timeout_s
+        max_age = feed.max_connection_age_s
+        opened = time.monotonic()
+        while True:
+            await self._sleep(min(1.0, max_age or 1.0))
+            now = time.monotonic()
+            if self.stopping.is_set():
+                ended.append("disconnect")
+            elif max_age is not None and now - opened >= max_age:
+                logger.info("{}: {} open for {}s, reconnecting before the venue drops it", feed.name, url, max_age)
+                ended.append("disconnect")
+            elif now - max(link.last_data, opened) > idle_s:
+                logger.warning("{}: no market data for {}s on {}, reconnecting", feed.name, idle_s, url)
+                ended.append("stale")
+            else:
+                continue
+            await ws.close()
+            return
 
     async def _ping(self, ws, feed: Feed) -> None:
         while not ws.closed:

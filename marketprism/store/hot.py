@@ -221,6 +221,7 @@ class HotWriter:
         self.inserted += len(group)
         self.last_insert[table] = time.time()
         self._observe_latency(group)
+        metrics.observe_collector_store_latency([m[2] for m in group[::LATENCY_SAMPLE_EVERY]])
         await self._ack(group)
 
     async def _ack(self, group: list) -> None:
