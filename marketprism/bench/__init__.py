@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from marketprism.ops.args import positive_float, positive_int
+
 PARTS = ("parse", "e2e", "latency", "scaling", "memory")
 RECORDING = "binance_spot/trade_ws_BTCUSDT_2024-08-08_hftbacktest.jsonl"
 
@@ -46,28 +48,13 @@ def _rate(text: str) -> float | None:
     if text == "auto":
         return None
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (a number or 'auto')") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _positive(kind):
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return convert
+        return positive_float(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (a number or 'auto')") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    num, whole = _positive(float), _positive(int)
+    num, whole = positive_float, positive_int
     a = parser.add_argument
     a("--parts", type=_parts, default=PARTS, help=f"comma list of {', '.join(PARTS)} (default: all)")
     a("--json", default="bench/latest.json", metavar="PATH", help="where to write the results (default %(default)s)")
