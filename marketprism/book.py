@@ -69,3 +69,20 @@ class Book:
 
     def __len__(self) -> int:
         return len(self._bids) + len(self._asks)
+
+
+class SyncedBook:
+    """One instrument's book as a feed keeps it in sync: live from a snapshot until the venue's sequence
+    breaks, then dark (emitting nothing) until a new snapshot, with one resubscribe asked per break."""
+    __slots__ = ("book", "live", "sequence", "last_time", "resubscribing")
+
+    def __init__(self) -> None:
+        self.book = Book()
+        self.live = False
+        self.sequence = 0  # the venue's sequence of the last applied message
+        self.last_time = 0  # its exchange time (ms)
+        self.resubscribing = False
+
+    def reset(self) -> None:
+        self.book.clear()
+        self.live = False

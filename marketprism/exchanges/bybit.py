@@ -14,7 +14,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 
 import msgspec
 
-from marketprism.book import Book
+from marketprism.book import SyncedBook
 from marketprism.exchanges.base import (Feed, Poll, Subscription, Unparseable, as_int, query_params, source_path,
                                         split_symbol)
 from marketprism.records import FundingRate, Liquidation, LsrAllAccount, OpenInterest, Record, Trade
@@ -129,22 +129,6 @@ def op_frame(op: str, topics: list[str]) -> str:
     return _encoder.encode({"op": op, "args": topics}).decode()
 
 
-class BookState:
-    """One symbol's book: live from a snapshot until a delta's u skips."""
-    __slots__ = ("book", "u", "live", "last_time", "resubscribed")
-
-    def __init__(self) -> None:
-        self.book = Book()
-        self.u = 0
-        self.live = False
-        self.last_time = 0
-        self.resubscribed = False
-
-    def reset(self) -> None:
-        self.book.clear()
-        self.live = False
-
-
 class BybitFeed(Feed):
     exchange = "bybit"
     market_type = "spot"
@@ -154,7 +138,7 @@ class BybitFeed(Feed):
 
     def __init__(self, depth: int = 400, book_interval_ms: int = 0) -> None:
         super().__init__(depth, book_interval_ms)
-        self.books: dict[str, BookState] = {}
+        self.books: dict[str, SyncedBook] = {}
         self.tickers: dict[str, dict[str, str]] = {}
         self.funding_sent: dict[str, tuple[str, str]] = {}
         self.interest_sent: dict[str, str] = {}
@@ -285,33 +269,33 @@ class BybitFeed(Feed):
         ts = frame.cts if frame.cts is not None else frame.ts
         if ts is None:
             raise Unparseable("no timestamp")
-        st = self.books.get(d.s) or self.books.setdefault(d.s, BookState())
+        st = self.books.get(d.s) or self.books.setdefault(d.s, SyncedBook())
         symbol, market_type = self._name(d.s)
         changed = True
         if frame.type == "snapshot":
             # Level-1 books resend an unchanged snapshot (same u) every 3 s without a change: no new record.
-            changed = not (st.live and d.u == st.u)
+            changed = not (st.live and d.u == st.sequence)
             st.book.load(d.b, d.a)
-            st.live, st.resubscribed = True, False
+            st.live, st.resubscribing = True, False
         elif frame.type != "delta":
             raise Unparseable("unknown book type")
-        elif not st.live or d.u <= st.u:
+        elif not st.live or d.u <= st.sequence:
             return  # waiting for the snapshot after a break, or a delta already applied
-        elif d.u != st.u + 1:
+        elif d.u != st.sequence + 1:
             out.append(self._gap(d.s, symbol, market_type, "orderbook", "sequence", st.last_time, ts, received_at,
-                                 st.u + 1, d.u - 1))
+                                 st.sequence + 1, d.u - 1))
             st.reset()
             self._resubscribe(frame.topic, st)
             return
         else:
             st.book.update(d.b, d.a)
-        st.u, st.last_time = d.u, ts
+        st.sequence, st.last_time = d.u, ts
         if changed:
             self._book_changed(out, d.s, symbol, market_type, st.book, d.u, ts, received_at)
 
-    def _resubscribe(self, topic: str, st: BookState) -> None:
-        if not st.resubscribed:
-            st.resubscribed = True
+    def _resubscribe(self, topic: str, st: SyncedBook) -> None:
+        if not st.resubscribing:
+            st.resubscribing = True
             self._outgoing.append(op_frame("unsubscribe", [topic]))
             self._outgoing.append(op_frame("subscribe", [topic]))
 
@@ -376,9 +360,9 @@ class BybitFeed(Feed):
             if st.live:
                 symbol, market_type = self._name(inst)
                 out.append(self._gap(inst, symbol, market_type, "orderbook", "disconnect", st.last_time, at_ms,
-                                     at_ms, st.u + 1, None))
+                                     at_ms, st.sequence + 1, None))
             st.reset()
-            st.resubscribed = False
+            st.resubscribing = False
         self._outgoing.clear()  # frames meant for the lost connection; the new one subscribes afresh
         return out
 

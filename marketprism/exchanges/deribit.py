@@ -18,7 +18,7 @@ from decimal import Decimal
 
 import msgspec
 
-from marketprism.book import Book
+from marketprism.book import SyncedBook
 from marketprism.exchanges.base import Feed, Subscription, Unparseable, multiply, plain_decimal
 from marketprism.records import FundingRate, OpenInterest, Record, Trade, VolatilityIndex
 
@@ -154,29 +154,13 @@ def funding_time(timestamp: int) -> int:
     return (timestamp // FUNDING_WINDOW_MS + 1) * FUNDING_WINDOW_MS
 
 
-class ChangeChain:
-    """One instrument's book: live from a snapshot until prev_change_id breaks the chain."""
-    __slots__ = ("book", "change_id", "live", "last_time", "resubscribed")
-
-    def __init__(self) -> None:
-        self.book = Book()
-        self.change_id = 0
-        self.live = False
-        self.last_time = 0
-        self.resubscribed = False
-
-    def reset(self) -> None:
-        self.book.clear()
-        self.live = False
-
-
 class DeribitFeed(Feed):
     name = "deribit"
     exchange = "deribit"
 
     def __init__(self, depth: int = 400, book_interval_ms: int = 0) -> None:
         super().__init__(depth, book_interval_ms)
-        self.books: dict[str, ChangeChain] = {}
+        self.books: dict[str, SyncedBook] = {}
         self.funding_sent: dict[str, tuple[str, int]] = {}
         self.interest_sent: dict[str, str] = {}
         self._names: dict[str, tuple[str, str]] = {}
@@ -338,32 +322,32 @@ class DeribitFeed(Feed):
         inst = d.instrument_name
         chain = self.books.get(inst)
         if chain is None:
-            chain = self.books[inst] = ChangeChain()
+            chain = self.books[inst] = SyncedBook()
         symbol, market_type = self._name(inst)
         if d.type == "snapshot":
             chain.book.load(levels(d.bids), levels(d.asks))
-            chain.live, chain.resubscribed = True, False
+            chain.live, chain.resubscribing = True, False
         elif d.type != "change":
             raise Unparseable("unknown book type")
-        elif not chain.live or d.change_id <= chain.change_id:
+        elif not chain.live or d.change_id <= chain.sequence:
             return  # waiting for the snapshot after a break, or a change already applied
-        elif d.prev_change_id != chain.change_id:
-            lost_to = d.prev_change_id if d.prev_change_id and d.prev_change_id > chain.change_id else None
+        elif d.prev_change_id != chain.sequence:
+            lost_to = d.prev_change_id if d.prev_change_id and d.prev_change_id > chain.sequence else None
             out.append(self._gap(inst, symbol, market_type, "orderbook", "sequence", chain.last_time, d.timestamp,
-                                 received_at, chain.change_id + 1, lost_to))
+                                 received_at, chain.sequence + 1, lost_to))
             chain.reset()
             self._resubscribe(channel, chain)
             return
         else:
             chain.book.update(levels(d.bids), levels(d.asks))
-        chain.change_id = d.change_id
+        chain.sequence = d.change_id
         chain.last_time = d.timestamp
         self._book_changed(out, inst, symbol, market_type, chain.book, d.change_id, d.timestamp, received_at)
 
-    def _resubscribe(self, channel: str, chain: ChangeChain) -> None:
+    def _resubscribe(self, channel: str, chain: SyncedBook) -> None:
         """A new subscription is the only way to get a fresh snapshot from Deribit."""
-        if not chain.resubscribed:
-            chain.resubscribed = True
+        if not chain.resubscribing:
+            chain.resubscribing = True
             self._outgoing.append(self._request("public/unsubscribe", {"channels": [channel]}))
             self._outgoing.append(self._request("public/subscribe", {"channels": [channel]}))
 
@@ -374,8 +358,8 @@ class DeribitFeed(Feed):
             if chain.live:
                 symbol, market_type = self._name(inst)
                 out.append(self._gap(inst, symbol, market_type, "orderbook", "disconnect", chain.last_time, at_ms,
-                                     at_ms, chain.change_id + 1, None))
+                                     at_ms, chain.sequence + 1, None))
             chain.reset()
-            chain.resubscribed = False
+            chain.resubscribing = False
         self._outgoing.clear()  # frames meant for the lost connection; the new one subscribes afresh
         return out

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import msgspec
 
-from marketprism.book import Book
+from marketprism.book import Book, SyncedBook
 from marketprism.exchanges.base import (Feed, Poll, Subscription, Unparseable, as_int, multiply, query_params,
                                         source_path)
 from marketprism.records import (SIDES, FundingRate, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest,
@@ -141,17 +141,6 @@ def frame(op: str, args: list[dict]) -> str:
     return _encode({"op": op, "args": args}).decode()
 
 
-class BookState:
-    __slots__ = ("book", "live", "seq", "ts", "resubscribing")
-
-    def __init__(self) -> None:
-        self.book = Book()
-        self.live = False
-        self.seq = 0  # seqId of the last applied message (its ts for recordings without seqId)
-        self.ts = 0
-        self.resubscribing = False
-
-
 class OkxFeed(Feed):
     name = "okx"
     exchange = "okx"
@@ -160,7 +149,7 @@ class OkxFeed(Feed):
 
     def __init__(self, depth: int = 400, book_interval_ms: int = 0) -> None:
         super().__init__(depth, book_interval_ms)
-        self.books: dict[str, BookState] = {}
+        self.books: dict[str, SyncedBook] = {}
         self.last_bucket: dict[tuple[str, str, str], int] = {}
         self.checksums_verified = 0
         self.verify_checksums = True  # off only for recordings whose snapshots were cut by their authors
@@ -319,7 +308,7 @@ class OkxFeed(Feed):
         return out
 
     def _book_row(self, out: list[Record], inst: str, snapshot: bool, row: BookRow, received_at: int) -> None:
-        state = self.books.get(inst) or self.books.setdefault(inst, BookState())
+        state = self.books.get(inst) or self.books.setdefault(inst, SyncedBook())
         ts = as_int(row.ts)
         # The 2022 format predates seqId: its ts (one push per 100 ms, increasing) is the only value that
         # identifies a book state, so it is the sequence and dedup key there; a per-book counter would
@@ -330,11 +319,11 @@ class OkxFeed(Feed):
         elif not state.live:
             self._resubscribe(inst, state)  # waiting for a snapshot: updates cannot be applied
             return
-        elif row.seqId is not None and row.prevSeqId != state.seq:
+        elif row.seqId is not None and row.prevSeqId != state.sequence:
             # A reset after maintenance (seqId < prevSeqId) still links by prevSeqId: one rule covers it.
-            self._break(out, inst, state, "sequence", state.seq + 1, row.prevSeqId, ts, received_at)
+            self._break(out, inst, state, "sequence", state.sequence + 1, row.prevSeqId, ts, received_at)
             return
-        from_seq = None if snapshot else state.seq + 1
+        from_seq = None if snapshot else state.sequence + 1
         try:
             (state.book.load if snapshot else state.book.update)(row.bids, row.asks)
         except ValueError:  # a non-numeric level left the book half-updated
@@ -346,22 +335,22 @@ class OkxFeed(Feed):
                 self._break(out, inst, state, "checksum", from_seq, seq, ts, received_at)
                 return
             self.checksums_verified += 1
-        state.seq, state.ts = seq, ts
+        state.sequence, state.last_time = seq, ts  # seq: seqId (ts for recordings without seqId)
         if snapshot or row.bids or row.asks:  # an idle keep-alive (seqId == prevSeqId) changes nothing
             symbol, market_type = names(inst)
             self._book_changed(out, inst, symbol, market_type, state.book, seq, ts, received_at)
 
-    def _break(self, out, inst: str, state: BookState, reason: str, from_seq: int | None, to_seq: int | None,
+    def _break(self, out, inst: str, state: SyncedBook, reason: str, from_seq: int | None, to_seq: int | None,
                ts: int, received_at: int) -> None:
         """The book lost continuity: a gap, silence until a new snapshot, and a re-subscription for it."""
         symbol, market_type = names(inst)
-        out.append(self._gap(inst, symbol, market_type, "orderbook", reason, state.ts or ts, ts, received_at,
+        out.append(self._gap(inst, symbol, market_type, "orderbook", reason, state.last_time or ts, ts, received_at,
                              from_seq, to_seq))
         state.live = False
         state.book.clear()
         self._resubscribe(inst, state)
 
-    def _resubscribe(self, inst: str, state: BookState) -> None:
+    def _resubscribe(self, inst: str, state: SyncedBook) -> None:
         if not state.resubscribing:  # once per break: OKX allows 480 (un)subscribe requests per hour
             state.resubscribing = True
             args = [{"channel": "books", "instId": inst}]
@@ -417,8 +406,8 @@ class OkxFeed(Feed):
         for inst, state in self.books.items():
             if state.live:
                 symbol, market_type = names(inst)
-                out.append(self._gap(inst, symbol, market_type, "orderbook", "disconnect", state.ts, at_ms, at_ms,
-                                     state.seq + 1, None))
+                out.append(self._gap(inst, symbol, market_type, "orderbook", "disconnect", state.last_time, at_ms, at_ms,
+                                     state.sequence + 1, None))
             state.live = state.resubscribing = False
             state.book.clear()
         self._outgoing.clear()  # re-subscriptions meant for the lost connection; reconnecting resubscribes all
