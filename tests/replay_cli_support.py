@@ -10,7 +10,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 import pytest

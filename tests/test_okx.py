@@ -8,7 +8,6 @@ documentation page it follows.
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ import pytest
 from marketprism.exchanges import make_feed
 from marketprism.exchanges.base import Poll, Subscription
 from marketprism.exchanges.okx import OkxFeed
-from marketprism.records import (FundingRate, Gap, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest,
-                                 OrderBook, Trade)
+from marketprism.records import (FundingRate, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest,
+                                 Trade)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "okx"
 RECEIVED = 1_700_000_000_000

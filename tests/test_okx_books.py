@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 
 from marketprism.exchanges import make_feed
-from marketprism.exchanges.base import Poll, Subscription
 from marketprism.exchanges.okx import OkxFeed
-from marketprism.records import (FundingRate, Gap, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest,
-                                 OrderBook, Trade)
+from marketprism.records import (Gap, OrderBook)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "okx"
 RECEIVED = 1_700_000_000_000

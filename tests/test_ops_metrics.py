@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 

@@ -8,7 +8,6 @@ import json
 import time
 from decimal import Decimal
 
-import pytest
 
 from conftest import fixture_lines, wait_for
 from marketprism import records

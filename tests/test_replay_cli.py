@@ -5,7 +5,6 @@ so the module stays fast; each test then checks one run's stdout, stderr and exi
 from __future__ import annotations
 
 import json
-import gzip
 from decimal import Decimal
 
 import pytest
