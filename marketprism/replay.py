@@ -150,8 +150,7 @@ async def publish(feed_name: str, paths: list[str], depth: int, settings) -> int
         print("marketprism replay: --publish needs MARKETPRISM_NATS_URL", file=sys.stderr)
         return 2
     try:
-        nc = await streams.connect(settings.nats_url, settings.nats_user, settings.nats_password,
-                                   name="marketprism-replay")
+        nc = await streams.connect(settings.nats_url, name="marketprism-replay", **streams.client_options(settings))
     except Exception as e:  # noqa: BLE001 - nats-py raises several types for "not reachable"
         print(f"marketprism replay: cannot reach NATS at {redact(settings.nats_url)}: {e or type(e).__name__}",
               file=sys.stderr)

@@ -312,6 +312,7 @@ def test_monitoring_config_and_dashboard_metric_names():
     from prometheus_client import REGISTRY
 
     import marketprism.ops.metrics  # noqa: F401 - registers every marketprism_* metric
+    import marketprism.store.cold  # noqa: F401 - but the archive ones, registered where storage-cold counts them
 
     prom = _load(ROOT / "monitoring" / "prometheus.yml")
     assert {j["job_name"] for j in prom["scrape_configs"]} >= {"marketprism", "clickhouse"}

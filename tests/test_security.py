@@ -1,7 +1,7 @@
 """Secrets never reach logs or error lines; *_FILE secrets work; URLs are redacted.
 
-The role subprocesses run against closed loopback ports. The NATS roles retry their connection 10 times
-with backoff (ops/roles.py), so the two role tests take ~40 s together (run concurrently)."""
+The role subprocesses run against closed loopback ports. The NATS roles retry their connection with backoff
+for connect_timeout_s (10 s by default, ops/roles.py), so the two role tests take ~10 s (run concurrently)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_nats_roles_fail_with_one_line_and_leak_no_secret(tmp_path):
         _assert_clean(out, err)
         assert code != 0, role
         last = err.strip().splitlines()[-1]
-        assert last.startswith("marketprism: cannot reach NATS at nats://alice:***@127.0.0.1:"), (role, last)
+        assert last.startswith("marketprism: nats_url: cannot reach NATS at nats://alice:***@127.0.0.1:"), (role, last)
 
 
 def test_store_failure_is_one_redacted_line(tmp_path):
@@ -68,7 +68,7 @@ def test_store_failure_is_one_redacted_line(tmp_path):
     _assert_clean(out, err)
     assert code != 0
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("marketprism: cannot open store http://bob:***@127.0.0.1:"), lines[-1]
+    assert lines[-1].startswith("marketprism: clickhouse_url: cannot open store http://bob:***@127.0.0.1:"), lines[-1]
 
 
 def test_config_error_with_a_password_url_is_redacted(tmp_path):

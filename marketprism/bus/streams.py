@@ -80,19 +80,28 @@ async def require_tls(nc: nats.NATS, url: str, tls) -> None:
 
 
 async def connect(url: str, user: str = "", password: str = "", name: str = "marketprism", **kw) -> nats.NATS:
-    """A bounded first connect (two tries; the caller retries with backoff), then reconnect forever.
+    """A bounded first connect (one try; the caller retries with backoff), then reconnect forever.
 
-    With allow_reconnect on from the start nats-py retries the *first* connect forever, so a wrong URL
-    would hang a role instead of failing it with one line."""
+    The first connect runs with allow_reconnect off: with it on, nats-py retries the first connect forever
+    (max_reconnect_attempts=-1), and after a failed TLS handshake it waits forever on the dead socket
+    (nats-py issue #718), so a wrong URL or CA would hang a role instead of failing it with one line. Off,
+    nats-py raises the attempt's own error (certificate, authorization), which names the problem."""
     opts = dict(name=name, max_reconnect_attempts=1, reconnect_time_wait=0.5, connect_timeout=5,
-                allow_reconnect=True, pending_size=64 * 1024 * 1024, error_cb=_log_nats_error, **kw)
+                allow_reconnect=False, pending_size=64 * 1024 * 1024, error_cb=_log_nats_error, **kw)
     if user:
         opts.update(user=user, password=password)
     nc = nats.NATS()
     wire.install(nc)
-    await nc.connect(url, **opts)
+    try:
+        await nc.connect(url, **opts)
+    except BaseException:
+        if nc._transport is not None:  # nats-py leaves the failed attempt's socket open when it bails
+            nc._transport.close()
+        raise
     await require_tls(nc, url, kw.get("tls"))
-    nc.options["max_reconnect_attempts"] = -1  # read at each reconnect: from here on, never give up
+    # both read at each disconnect/reconnect: from here on, reconnect and never give up
+    nc.options["allow_reconnect"] = True
+    nc.options["max_reconnect_attempts"] = -1
     return nc
 
 

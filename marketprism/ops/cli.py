@@ -105,7 +105,7 @@ def _query(settings, sql: str) -> int:
         except urllib.error.HTTPError as e:
             print(f"marketprism: query failed: {e.read().decode().strip()}", file=sys.stderr)
             return 1
-    store = Store(connect(settings.store_url, readonly=True))
+    store = Store(connect(settings.store_url, readonly=True, settings=settings))
     try:
         sys.stdout.buffer.write(store.raw_query(sql))
     except Exception as e:  # noqa: BLE001 - one line for the operator
@@ -142,8 +142,34 @@ def dispatch(args, settings) -> int:
     return 0
 
 
+def _setting_of(settings, e: Exception) -> str:
+    """The setting an error is about, so its one line can name it ("" when not known)."""
+    from pathlib import Path
+
+    from marketprism.store.client import StoreError
+    if settings is None:
+        return ""
+    if isinstance(e, StoreError):
+        for key in ("clickhouse_url", "cold_clickhouse_url"):
+            if getattr(settings, key) and e.url == getattr(settings, key):
+                return key
+        return "data_dir" if e.url and e.url == settings.store_url else ""  # the default chdb://<data_dir>/...
+    if isinstance(e, OSError) and e.filename:  # a directory or file the settings name, e.g. data_dir unwritable
+        path = Path(str(e.filename)).resolve()
+        named = {key: Path(getattr(settings, key)).resolve() for key in ("log_file", "record_dir", "data_dir")
+                 if getattr(settings, key)}
+        for related in (lambda v: path == v,  # the setting's own file or directory
+                        lambda v: path in v.parents,  # a directory on the way to it that cannot be created
+                        lambda v: v in path.parents):  # something inside it, e.g. the instance lock
+            for key, value in named.items():
+                if related(value):
+                    return key
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build().parse_args(argv)
+    settings = None
     try:
         settings = settings_mod.load(args.config)
         return dispatch(args, settings)
@@ -151,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"marketprism: configuration error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
-        print(f"marketprism: {e.filename or e}: {e.strerror or 'not found'}", file=sys.stderr)
+        key = _setting_of(settings, e)
+        print(f"marketprism: {key + ': ' if key else ''}{e.filename or e}: {e.strerror or 'not found'}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -159,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         from marketprism.ops.lock import LockedError
         from marketprism.store.client import StoreError
         if isinstance(e, (StoreError, LockedError, ConnectionError, OSError, ValueError)):
-            print(f"marketprism: {e}", file=sys.stderr)
+            key = _setting_of(settings, e)
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"marketprism: {key + ': ' if key and not text.startswith(key + ':') else ''}{text}", file=sys.stderr)
             return 1
         raise

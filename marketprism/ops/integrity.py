@@ -313,9 +313,9 @@ def main(args, settings: Settings) -> int:
     if port:
         hot = cold = http_rows(port)
     else:
-        stores = [Store(connect(settings.store_url, readonly=True))]
+        stores = [Store(connect(settings.store_url, readonly=True, settings=settings))]
         if settings.cold_clickhouse_url and settings.cold_clickhouse_url != settings.store_url:
-            stores.append(Store(connect(settings.cold_clickhouse_url, readonly=True)))
+            stores.append(Store(connect(settings.cold_clickhouse_url, readonly=True, settings=settings)))
         hot, cold = ledger.rows_of(stores[0]), ledger.rows_of(stores[-1])
     url = args.collector_url or f"http://127.0.0.1:{settings.port_for('collector')}/health"
     try:

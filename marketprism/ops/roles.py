@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -34,21 +35,34 @@ def _on_signals(stop) -> None:
 
 
 async def _nats(settings: Settings, name: str, url: str | None = None):
+    """The NATS connection, retried with backoff. connect_timeout_s bounds the whole wait (every try and pause
+    included), so an unreachable URL fails the role within it with one line naming the key."""
+    key = "nats_url" if settings.nats_url else "embedded_nats_port"  # `run` without nats_url: managed server
     url = url or settings.nats_url
     if not url:
         raise ValueError("nats_url: MARKETPRISM_NATS_URL is required for this role")
-    for attempt in range(10):
+    errors: list[str] = []
+    try:
+        return await asyncio.wait_for(_nats_tries(settings, name, url, errors), settings.connect_timeout_s)
+    except TimeoutError:  # the budget ran out (a failed try is caught, logged and retried inside)
+        raise ConnectionError(f"{key}: cannot reach NATS at {redact(url)} within {settings.connect_timeout_s:g} s "
+                              f"(connect_timeout_s): {errors[-1] if errors else 'no answer'}") from None
+
+
+async def _nats_tries(settings: Settings, name: str, url: str, errors: list[str]):
+    attempt = 0
+    while True:
         try:
-            return await streams.connect(url, settings.nats_user, settings.nats_password, name=name)
+            return await streams.connect(url, name=name, **streams.client_options(settings))
         except Exception as e:  # noqa: BLE001 - nats-py raises several types for "not reachable"
-            if attempt == 9:
-                raise ConnectionError(f"cannot reach NATS at {redact(url)}: {e or type(e).__name__}") from None
-            logger.warning("NATS at {} not reachable yet ({}), retrying", redact(url), e or type(e).__name__)
+            errors.append(str(e) or type(e).__name__)
+            logger.warning("NATS at {} not reachable yet ({}), retrying", redact(url), errors[-1])
             await asyncio.sleep(min(5.0, 0.5 * 2 ** attempt))
+            attempt += 1
 
 
 def _store(settings: Settings) -> Store:
-    return Store(connect(settings.store_url))
+    return Store(connect(settings.store_url, settings=settings))
 
 
 async def init(settings: Settings, do_streams: bool = True, do_schema: bool = True) -> list[str]:
@@ -69,27 +83,34 @@ async def _collector_part(settings: Settings, nc):
     publisher = Publisher(nc, max_pending=settings.publish_max_pending)
     await publisher.start()
 
-    async def publish(subject, payload, msg_id):
-        await publisher.publish(subject, payload, msg_id)
-        metrics.PUBLISH_PENDING.set(len(publisher.pending))
-
-    collector = Collector(settings, publish, record.from_settings(settings),
+    metrics.PUBLISH_PENDING.set_function(lambda: len(publisher.pending))  # read at each scrape
+    collector = Collector(settings, publisher.publish, record.from_settings(settings),
                           has_room=lambda: len(publisher.pending) < publisher.max_pending,
                           state_path=Path(settings.data_dir) / "collector-state.json")
     collector.coverage = Coverage.from_settings(settings)  # grace and staleness thresholds from settings
     return publisher, collector
 
 
+# A stream at its limit (discard new) rejects every re-send of the held publishes, which come at least every
+# ack timeout (5 s): rejections older than this mean the stream takes records again.
+REJECTION_RECENT_S = 15.0
+
+
 def _collector_health(collector: Collector, publisher: Publisher, nc):
     def section() -> dict:
         body = collector.health()
         status = collector.coverage.status()
-        if (collector.blocked or not nc.is_connected) and status == "healthy":
+        last = publisher.last_rejection
+        rejecting = last is not None and time.monotonic() - last[0] < REJECTION_RECENT_S
+        if (collector.blocked or not nc.is_connected or rejecting) and status == "healthy":
             status = "degraded"
         grace = collector.coverage.grace_remaining()
+        rejection = {"publish_rejected": publisher.rejected, "publish_rejecting": rejecting,
+                     **({"last_rejection": last[1], "last_rejection_age_s": round(time.monotonic() - last[0], 1)}
+                        if last else {})}
         return {"status": status, **({"grace_remaining_s": round(grace, 1)} if grace else {}),
                 "nats_connected": nc.is_connected, "publish_pending": len(publisher.pending),
-                "published_acked": publisher.acked, **body}
+                "published_acked": publisher.acked, **rejection, **body}
     return section
 
 
@@ -162,7 +183,7 @@ async def run_embedded(settings: Settings) -> None:
         health = HealthServer.for_role(settings, "run", {"collector": _collector_health(collector, publisher, nc),
                                                          "storage_hot": _hot_health(writer, nc, consumers),
                                                          "storage_cold": archiver.health},
-                                       store=Store(connect(settings.store_url, readonly=True)))
+                                       store=Store(connect(settings.store_url, readonly=True, settings=settings)))
         await health.start()
         lock.write_port(health.port)
         logger.info("marketprism run: health on http://{}:{}/health, store {}", settings.health_host, health.port,

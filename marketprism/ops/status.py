@@ -185,10 +185,10 @@ async def nats_info(settings, url: str, timeout: float) -> dict:
 
     from marketprism.bus import streams
     opts = dict(name="marketprism-status", connect_timeout=timeout, allow_reconnect=False, max_reconnect_attempts=0)
-    if settings.nats_user:
-        opts.update(user=settings.nats_user, password=settings.nats_password)
+    opts.update(streams.client_options(settings))
     try:
         nc = await asyncio.wait_for(nats.connect(url, **opts), timeout * 2)
+        await streams.require_tls(nc, url, opts.get("tls"))
     except Exception as e:  # noqa: BLE001 - nats-py raises many types for "not reachable"
         return {"up": False, "url": redact(url), "error": str(e) or type(e).__name__}
     out = {"up": True, "url": redact(url), "version": nc._server_info.get("version", "?"), "streams": {},
@@ -252,7 +252,7 @@ def clickhouse_info(settings, inst: dict | None, timeout: float, sql: str = CLIC
                 if holder:  # chDB allows one process per directory: opening it here would only fail
                     return {**out, "up": False, "held_by": holder, "error": f"the directory is open in pid {holder}"}
             from marketprism.store.client import Store, connect
-            store = Store(connect(url, readonly=True))
+            store = Store(connect(url, readonly=True, settings=settings))
             try:
                 res = store.query(sql)
                 row = dict(zip(res.column_names, res.result_rows[0]))

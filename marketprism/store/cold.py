@@ -121,9 +121,10 @@ class Archiver:
     def open(cls, settings: Settings) -> "Archiver":
         """Own sessions on the configured stores (in the embedded run: a second session on the same chDB)."""
         source = hot_source(settings.store_url, settings.cold_clickhouse_url)
-        hot = Store(connect(settings.store_url))
+        hot = Store(connect(settings.store_url, settings=settings))
         separate = settings.cold_clickhouse_url and settings.cold_clickhouse_url != settings.store_url
-        return cls(hot, Store(connect(settings.cold_clickhouse_url)) if separate else hot, settings, source)
+        return cls(hot, Store(connect(settings.cold_clickhouse_url, settings=settings)) if separate else hot,
+                   settings, source)
 
     def close(self) -> None:
         self.hot.close()
@@ -345,17 +346,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _open(settings: Settings) -> Archiver:
-    """Bounded retries: a ClickHouse server may still be starting when the role does."""
+    """Retries: a ClickHouse server may still be starting when the role does. connect_timeout_s bounds the
+    wait (plus the try under way); then the last error goes to the operator as one line."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.connect_timeout_s
     attempt = 0
     while True:
         try:
             return await asyncio.to_thread(Archiver.open, settings)
         except Exception as e:  # noqa: BLE001 - StoreError for any driver failure; a config error is final
             attempt += 1
-            if isinstance(e, ConfigError) or attempt == 10 or settings.store_url.startswith("chdb://"):
+            left = deadline - loop.time()
+            if isinstance(e, ConfigError) or left <= 0 or settings.store_url.startswith("chdb://"):
                 raise
             logger.warning("storage-cold: store not reachable yet ({}), retrying", e)
-            await asyncio.sleep(min(5.0, 0.5 * 2 ** attempt))
+            await asyncio.sleep(min(5.0, 0.5 * 2 ** attempt, left))
 
 
 async def serve(settings: Settings) -> int:
