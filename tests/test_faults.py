@@ -56,6 +56,17 @@ def stored(stack: Stack) -> tuple[int, int]:
     return rows, keys
 
 
+def final_rows(stack: Stack) -> int:
+    """Rows once ClickHouse has collapsed repeats of a dedup key (what every query with FINAL sees)."""
+    return sum(int(stack.query(f"SELECT count() FROM marketprism_hot.{table} FINAL")[0][0]) for table in TABLE_FOR.values())
+
+
+def trade_holes(stack: Stack) -> list:
+    """Streams whose stored trade ids (consecutive in the simulator) skip some: [stream, missing]."""
+    return stack.query("SELECT exchange, market_type, symbol, max(toInt64(trade_id)) - min(toInt64(trade_id)) + 1 "
+                       "- uniqExact(trade_id) AS missing FROM marketprism_hot.trades GROUP BY 1, 2, 3 HAVING missing > 0")
+
+
 def start_all(stack: Stack) -> None:
     stack.start_nats()
     stack.start_sim()
@@ -103,8 +114,14 @@ def test_nats_restart_under_load_republishes_without_loss(stack):
     seqs, _ = stream_last_seqs(stack.nats_port)
     rows, keys = stored(stack)
     report("nats-server SIGKILL, 3 s down, restarted on its store", seqs, rows, keys, started)
-    assert keys == sum(seqs.values())
-    assert rows == keys
+    # A restarted server rebuilds its duplicate window from the messages still in the stream: a message
+    # stored, consumed (so deleted) and re-sent because its ack died with the server is stored again.
+    # ClickHouse's dedup key collapses it; JetStream's sequence counts it twice.
+    restored = sum(seqs.values()) - keys
+    assert 0 <= restored <= 5, restored
+    assert final_rows(stack) == keys
+    # and nothing is missing: the simulator's trade ids run without a hole in every stream
+    assert trade_holes(stack) == []
     # 3 s of records fit the collector's buffer bound: nothing was dropped, so no backpressure gap
     assert stack.query("SELECT count() FROM marketprism_hot.gaps WHERE reason = 'backpressure'") == [["0"]]
 

@@ -154,3 +154,91 @@ def test_publish_acks_and_pulls_through_a_real_server(tmp_path):
     assert sorted(json.loads(m[2])["i"] for m in got) == list(range(3000))
     assert all(m[1].startswith(b"$JS.ACK.MARKET_DATA.storage-hot.") for m in got)
     assert left == 0  # every ack reached the server: interest retention removed them all
+
+
+# -- fast ingest (ADR-50 batches) through a real nats-server ------------------------------------------------
+
+async def _fast(port: int, scenario) -> dict:
+    nc = await streams.connect(f"nats://127.0.0.1:{port}")
+    await streams.ensure(nc)
+    pub = Publisher(nc, max_pending=100_000, ack_timeout_s=1.0, fast_ingest=True)
+    await pub.start()
+    try:
+        return await scenario(nc, pub)
+    finally:
+        await pub.close()
+        await nc.close()
+
+
+async def _publish_trades(pub: Publisher, ids, types=("trade",)) -> None:
+    for i in ids:
+        dt = types[i % len(types)]
+        await pub.publish(f"{dt}.binance.spot.S{i % 7}", json.dumps({"i": i}).encode(), f"{dt}:binance:spot:S:{i}")
+
+
+async def _stored(nc, stream: str) -> int:
+    return (await nc.jetstream().stream_info(stream)).state.messages
+
+
+def _with_server(tmp_path, scenario) -> dict:
+    server = NatsServer(str(tmp_path / "nats"), free_port())
+    asyncio.run(server.start())
+    try:
+        return asyncio.run(_fast(server.port, scenario))
+    finally:
+        server.stop()
+
+
+def test_fast_ingest_acks_every_message_through_flow_acks_and_the_idle_commit(tmp_path):
+    async def scenario(nc, pub):
+        await _publish_trades(pub, range(5000), ("trade", "orderbook", "gap"))
+        await _publish_trades(pub, range(100), ("trade", "orderbook", "gap"))  # re-sent: same ids
+        flushed = await pub.flush(20)
+        batches = {key: (b.id, b.flow) for key, b in pub._batches.items()}
+        return {"flushed": flushed, "acked": pub.acked, "pending": len(pub.pending), "batches": batches,
+                "market": await _stored(nc, "MARKET_DATA"), "books": await _stored(nc, "ORDERBOOK_SNAP"),
+                "per_message": set(pub._per_message), "rejected": pub.rejected}
+
+    got = _with_server(tmp_path, scenario)
+    assert got["flushed"] and (got["acked"], got["pending"], got["rejected"]) == (5100, 0, 0)
+    assert got["per_message"] == set() and set(got["batches"]) == {"trade", "orderbook", "gap"}
+    assert all(flow > 1 for _, flow in got["batches"].values())  # the server's flow, not one ack per message
+    # orderbook.> goes to its own stream; the 100 re-sent ids were dropped by the duplicate window
+    assert (got["market"], got["books"]) == (3333, 1667)
+
+
+def test_fast_ingest_falls_back_to_one_ack_per_message_where_the_stream_has_no_batches(tmp_path):
+    async def scenario(nc, pub):
+        js = nc.jetstream()
+        cfg = await js.stream_info("MARKET_DATA")
+        cfg.config.allow_batched = False
+        await js.update_stream(cfg.config)
+        await _publish_trades(pub, range(300))
+        flushed = await pub.flush(20)
+        return {"flushed": flushed, "acked": pub.acked, "dups": pub.duplicates, "stored": await _stored(nc, "MARKET_DATA"),
+                "per_message": set(pub._per_message)}
+
+    got = _with_server(tmp_path, scenario)
+    assert got == {"flushed": True, "acked": 300, "dups": 0, "stored": 300, "per_message": {"trade"}}
+
+
+def test_a_full_stream_holds_the_batch_and_its_rest_is_resent_once_there_is_room(tmp_path):
+    async def scenario(nc, pub):
+        js = nc.jetstream()
+        info = await js.stream_info("MARKET_DATA")
+        info.config.max_msgs = 1000
+        await js.update_stream(info.config)
+        await _publish_trades(pub, range(2500))
+        await asyncio.sleep(2.5)  # rejected, held, re-sent (and refused again) at the ack timeout
+        held = {"pending": len(pub.pending), "rejected": pub.rejected, "why": pub.last_rejection[1],
+                "stored": await _stored(nc, "MARKET_DATA")}
+        info.config.max_msgs = -1
+        await js.update_stream(info.config)
+        flushed = await pub.flush(20)
+        return {"held": held, "flushed": flushed, "acked": pub.acked, "pending": len(pub.pending),
+                "stored": await _stored(nc, "MARKET_DATA")}
+
+    got = _with_server(tmp_path, scenario)
+    assert got["held"]["stored"] == 1000 and got["held"]["pending"] == 1500
+    assert got["held"]["why"] == "maximum messages exceeded" and got["held"]["rejected"] >= 1
+    assert (got["flushed"], got["acked"], got["pending"], got["stored"]) == (True, 2500, 0, 2500)

@@ -107,7 +107,8 @@ async def unsubscribe(nc: nats.NATS, sub) -> None:
 
 def has_raw_writes(nc: nats.NATS) -> bool:
     """True if this nats-py has the outgoing buffer that write_raw() feeds."""
-    return hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending") and hasattr(nc, "_flush_queue")
+    return all(hasattr(nc, name) for name in ("_send_command", "_flush_pending", "_flush_queue", "_pending",
+                                              "_pending_data_size"))
 
 
 def can_write_raw(nc: nats.NATS) -> bool:

@@ -80,7 +80,7 @@ async def init(settings: Settings, do_streams: bool = True, do_schema: bool = Tr
 
 
 async def _collector_part(settings: Settings, nc):
-    publisher = Publisher(nc, max_pending=settings.publish_max_pending)
+    publisher = Publisher(nc, max_pending=settings.publish_max_pending, fast_ingest=True)
     await publisher.start()
 
     metrics.PUBLISH_PENDING.set_function(lambda: len(publisher.pending))  # read at each scrape
@@ -135,7 +135,9 @@ async def run_collector(settings: Settings, nc=None) -> None:
     if collector.recorder:
         collector.recorder.close()
     logger.info("collector stopping: waiting for {} unacknowledged publishes", len(publisher.pending))
-    await publisher.flush()
+    if not await publisher.flush():
+        logger.error("collector stopping with {} records JetStream never acknowledged: they are lost",
+                     len(publisher.pending))
     await publisher.close()
     await health.stop()
     if own:
