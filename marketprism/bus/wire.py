@@ -107,8 +107,7 @@ async def unsubscribe(nc: nats.NATS, sub) -> None:
 
 def has_raw_writes(nc: nats.NATS) -> bool:
     """True if this nats-py has the outgoing buffer that write_raw() feeds."""
-    return all(hasattr(nc, name) for name in ("_send_command", "_flush_pending", "_flush_queue", "_pending",
-                                              "_pending_data_size"))
+    return hasattr(nc, "_send_command") and hasattr(nc, "_flush_pending") and hasattr(nc, "_flush_queue")
 
 
 def can_write_raw(nc: nats.NATS) -> bool:

@@ -80,7 +80,7 @@ async def init(settings: Settings, do_streams: bool = True, do_schema: bool = Tr
 
 
 async def _collector_part(settings: Settings, nc):
-    publisher = Publisher(nc, max_pending=settings.publish_max_pending, fast_ingest=True)
+    publisher = Publisher(nc, max_pending=settings.publish_max_pending)
     await publisher.start()
 
     metrics.PUBLISH_PENDING.set_function(lambda: len(publisher.pending))  # read at each scrape
