@@ -14,6 +14,7 @@ from marketprism.bus.server import NatsServer, free_port
 from marketprism.records import TABLE_FOR
 from marketprism.store import schema
 from marketprism.store.client import Store, connect
+from tls_support import nkey, pki  # noqa: F401 - the TLS tests' fixtures (session-scoped PKI and nkeys)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_TTL_DAYS = 3650  # receipt times in replayed fixtures are old; DateTime ends in 2106, so not more
