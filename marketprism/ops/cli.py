@@ -90,7 +90,6 @@ def _check(settings, role: str) -> int:
 
 
 def _query(settings, sql: str) -> int:
-    from pathlib import Path
 
     from marketprism.ops.status import live_instance
     from marketprism.store.client import Store, connect
