@@ -171,3 +171,19 @@ def test_bad_frames_are_counted_not_raised():
            b"[1,2,3]", b'{"result":null,"id":1}']
     assert run(feed, bad) == []
     assert sum(feed.errors.values()) == 5
+
+
+def test_an_agg_trade_with_a_non_decimal_price_or_quantity_is_a_bad_frame():
+    """The busiest stream checks its two decimals while it builds the record (the generic check is skipped)."""
+    from marketprism.exchanges.binance import BinanceUsdmFeed
+    feed = BinanceUsdmFeed()
+    event = {"e": "aggTrade", "E": 1626992741575, "a": 16599292, "s": "CTKUSDT", "p": "1.01100", "q": "10",
+             "f": 23961322, "l": 23961322, "T": 1626992741421, "m": False}
+    frames = []
+    for field, bad in (("p", "1e5"), ("q", "NaN"), ("p", "1.5 2"), ("q", "-"), ("p", "١٢")):
+        body = {**event, field: bad}
+        frames += [json.dumps({"stream": "ctkusdt@aggTrade", "data": body}), json.dumps(body)]
+    assert [feed.on_message(f, "wss://fstream.binance.com/stream", 1) for f in frames] == [[]] * len(frames)
+    assert dict(feed.errors) == {"not a decimal": len(frames)}
+    good = feed.on_message(json.dumps({"stream": "ctkusdt@aggTrade", "data": event}), "wss://x", 1)
+    assert [(t.price, t.quantity) for t in good] == [("1.01100", "10")]

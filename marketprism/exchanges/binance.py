@@ -12,7 +12,7 @@ from collections import deque
 
 from marketprism.book import Book
 from marketprism.exchanges.base import (Feed, Poll, Subscription, Unparseable, multiply, query_params,
-                                        source_path)
+                                        source_path, two_decimals)
 from marketprism.exchanges.binance_wire import (ANY, COMBINED, DepthSnapshot, ENVELOPE, EVENT, OPEN_INTEREST,
                                                 OpenInterestBody, PREMIUM, PremiumIndex, RATIOS, RatioRow, SNAPSHOT,
                                                 WsAggTrade, WsDepth, WsForceOrder, WsMarkPrice, WsTrade)
@@ -92,18 +92,24 @@ class BinanceFeed(Feed):
     # -- parse -------------------------------------------------------------------------------------
     def _handle(self, data, source, received_at):
         if data[:10] in COMBINED:  # a combined-stream frame, the hot path (no REST body starts so)
-            return self._events(ENVELOPE.decode(data).data, received_at)
+            event = ENVELOPE.decode(data).data
+            self.decimals_checked = type(event) is WsAggTrade  # the one record's decimals: checked in _events
+            return self._events(event, received_at)
         if source and not source.startswith("ws"):
             return self._rest(data, source, received_at)
         obj = ANY.decode(data)
         if isinstance(obj, dict) and "e" in obj:
-            return self._events(EVENT.decode(data), received_at)
+            event = EVENT.decode(data)
+            self.decimals_checked = type(event) is WsAggTrade
+            return self._events(event, received_at)
         if isinstance(obj, dict) and "result" in obj and "id" in obj:
             return []  # subscribe acknowledgement
         return self._bare_rest(obj, data, received_at)
 
     def _events(self, event, received_at: int) -> list[Record]:
         if type(event) is WsAggTrade:  # the busiest stream, without the general loop
+            if not two_decimals(event.p, event.q):
+                raise Unparseable("not a decimal")
             symbol, market_type = self._name_cache.get(event.s) or self._names(event.s)
             return [Trade(exchange="binance", market_type=market_type, symbol=symbol, instrument=event.s,
                           timestamp=event.T, received_at=received_at, trade_id=str(event.a), price=event.p,
