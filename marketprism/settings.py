@@ -254,6 +254,7 @@ OTHER_ENV = (
     "MARKETPRISM_E2E_COLD",  # tests/test_e2e_compose.py: =1 also runs the two-server cold-tier test
     "MARKETPRISM_SOAK_S",  # tests/test_soak.py: soak duration
     "MARKETPRISM_SOAK_SEED",  # tests/test_soak.py: repeats a soak's fault plan
+    "MARKETPRISM_SOAK_OUT",  # tests/test_soak.py: where the soak's figures (JSON) are written
 )
 
 
