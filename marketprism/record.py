@@ -256,7 +256,7 @@ async def record_only(settings: Settings) -> None:
     and which heartbeats to answer, and parse errors and gaps still show in the log."""
     from marketprism.collector.service import Collector
 
-    async def discard(subject: str, payload: bytes, msg_id: str) -> None:
+    async def discard(subject: str, payload: bytes, msg_id: str, token=None) -> None:
         return None
 
     recorder = from_settings(settings)

@@ -59,10 +59,10 @@ async def pipeline(settings: Settings, store, recorder=None, capture: bool = Fal
     await publisher.start()
     session = Session(None, HotWriter(nc, store, batch_rows=5000, flush_interval_s=0.1), publisher)
 
-    async def publish(subject: str, payload: bytes, msg_id: str) -> None:
+    async def publish(subject: str, payload: bytes, msg_id: str, token=None) -> None:
         if capture:
             session.published.append(payload)
-        await publisher.publish(subject, payload, msg_id)
+        await publisher.publish(subject, payload, msg_id, token)
 
     session.collector = Collector(settings, publish, recorder)
     tasks = [asyncio.create_task(session.collector.run()), asyncio.create_task(session.writer.run())]

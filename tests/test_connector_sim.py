@@ -51,7 +51,7 @@ async def running(settings, prepare=None):
     """A collector publishing into a list; `prepare(collector)` runs before its connections open."""
     published: list[records.Record] = []
 
-    async def publish(subject, payload, msg_id):
+    async def publish(subject, payload, msg_id, token=None):
         published.append(records.decode(payload))
 
     frames = Frames()

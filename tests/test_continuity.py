@@ -14,14 +14,22 @@ TRADES = list(replay(BinanceSpotFeed(), fixture_lines("binance_spot/trade_ws_BTC
                      received_at=5))
 
 
-def collector(tmp_path, room):
-    sent = []
+def collector(tmp_path, room, unacked=None):
+    """A collector whose publishes the bus acknowledges at once, except those whose trade id is in
+    `unacked` (they stay waiting, as with NATS down)."""
+    sent, waiting = [], []
 
-    async def publish(subject, payload, msg_id):
-        sent.append(decode(payload))
+    async def publish(subject, payload, msg_id, token):
+        rec = decode(payload)
+        sent.append(rec)
+        if unacked and getattr(rec, "trade_id", None) in unacked:
+            waiting.append(token)
+        else:
+            c.state.acked(token)
 
     c = Collector(load(environ={"MARKETPRISM_FEEDS": "binance_spot"}), publish, has_room=lambda: room[0],
                   state_path=tmp_path / "collector-state.json")
+    c.state.unacked = lambda: waiting
     return c, sent
 
 
@@ -56,6 +64,31 @@ async def test_restart_gap_from_the_saved_state(tmp_path):
         "binance", "spot", "BTC-USDT", "BTCUSDT", "trade", "restart")
     assert (g.from_sequence, g.to_sequence) == (int(TRADES[49].trade_id) + 1, None)
     assert (g.started_at, g.ended_at) == (TRADES[49].timestamp, TRADES[49].timestamp + 60_000)
+
+
+async def test_restart_gap_starts_at_the_oldest_unacknowledged_record(tmp_path):
+    """A kill loses what the bus has not acknowledged: the hole starts there, not after the last publish."""
+    c, _ = collector(tmp_path, [True], unacked={t.trade_id for t in TRADES[30:50]})
+    await c.emit(c.feeds["binance_spot"], TRADES[:50])
+    c.state.save()
+    gaps = collector(tmp_path, [True])[0].state.restart_gaps(now_ms=TRADES[49].timestamp + 60_000)
+    assert [(g.reason, g.from_sequence, g.started_at) for g in gaps] == [
+        ("restart", int(TRADES[30].trade_id), TRADES[30].timestamp)]
+
+
+async def test_unacknowledged_gap_keeps_its_start_for_the_next_restart(tmp_path):
+    """Restart gaps not acknowledged before another kill: the next restart's gap covers both outages."""
+    c, _ = collector(tmp_path, [True])
+    await c.emit(c.feeds["binance_spot"], TRADES[:50])
+    c.state.save()
+    again, sent = collector(tmp_path, [True])
+    gaps = again.state.restart_gaps(now_ms=TRADES[49].timestamp + 60_000)
+    waiting = [again.state.gap_token(g) for g in gaps]  # published, never acknowledged
+    again.state.unacked = lambda: waiting
+    again.state.save()
+    third = collector(tmp_path, [True])[0].state.restart_gaps(now_ms=TRADES[49].timestamp + 120_000)
+    assert [(g.from_sequence, g.started_at, g.ended_at) for g in third] == [
+        (int(TRADES[49].trade_id) + 1, TRADES[49].timestamp, TRADES[49].timestamp + 120_000)]
 
 
 def test_no_state_file_means_no_restart_gap(tmp_path):

@@ -124,7 +124,6 @@ async def _publish(pub: Publisher, start: int, count: int) -> None:
         await pub.publish("trade.binance.spot.BTC-USDT", b'{"n": %d}' % i, f"tls-test-{i}")
 
 
-@pytest.mark.timeout(120)
 async def test_publisher_over_tls_with_nkey_gets_acks_and_reconnects(tmp_path, pki, nkey, servers):
     """Server-verified TLS plus nkey: the Publisher's direct-buffer writes go through the TLS transport and
     every message is acked and stored; after a server restart the client reconnects over TLS, signs the
@@ -159,7 +158,6 @@ async def test_publisher_over_tls_with_nkey_gets_acks_and_reconnects(tmp_path, p
     await nc.drain()
 
 
-@pytest.mark.timeout(120)
 async def test_mutual_tls_needs_a_client_certificate_from_the_ca(tmp_path, pki, nkey, servers):
     """`verify: true`: with nats_tls_cert/key signed by the CA the Publisher gets its acks and the server
     saw the client certificate; without one, or with one from another CA, the server refuses the
@@ -219,7 +217,6 @@ def _finish(proc: subprocess.Popen, timeout: float = 100) -> tuple[int, str, str
     return proc.returncode, out, err
 
 
-@pytest.mark.timeout(180)
 def test_roles_exit_with_one_line_naming_the_problem(tmp_path, pki, nkey, servers):
     """`marketprism init --streams` as a process: with the right CA and seed it creates the streams over
     TLS; a wrong CA, a seed the server does not know, or TLS settings against a server without TLS make

@@ -93,7 +93,6 @@ REACHED = "Received ClickHouse exception, code: 497"
 UNVERIFIED = "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # clickhouse_tls_verify=false
 def test_clickhouse_https_verifies_the_server_against_clickhouse_ca(pki, fake_clickhouse):
     """The client built for an https URL on a non-standard port speaks TLS (the server only speaks TLS),
@@ -114,7 +113,6 @@ def test_clickhouse_https_verifies_the_server_against_clickhouse_ca(pki, fake_cl
     assert REACHED in _open(url, clickhouse_ca=pki.other_ca, clickhouse_tls_verify="false")
 
 
-@pytest.mark.timeout(60)
 def test_clickhouse_mutual_tls(pki, fake_clickhouse):
     """A server that requires a client certificate from the CA: refused without clickhouse_tls_cert (no
     request arrives); with it, the request arrives, authenticated by the URL's password (tls_mode strict)
@@ -135,7 +133,6 @@ def test_clickhouse_mutual_tls(pki, fake_clickhouse):
     assert REACHED not in _open(ch.url(), **other) and len(ch.requests) == count
 
 
-@pytest.mark.timeout(90)
 def test_every_store_opener_passes_the_tls_settings(tmp_path, pki, fake_clickhouse, monkeypatch):
     """Each path that opens ClickHouse reaches the https server through clickhouse_ca (an HTTP-level answer,
     not a certificate error): the storage roles, query, status, integrity, the cold archiver, and

@@ -119,12 +119,16 @@ async def _round_trip(port: int, n: int) -> tuple[int, int, list]:
     assert isinstance(nc._ps, wire.FastParser)
     await streams.ensure(nc)
     pub = Publisher(nc, max_pending=1000)
+    tokens = []
+    pub.on_acked = tokens.append
     await pub.start()
     for i in range(n):
         body = json.dumps({"i": i}).encode()
-        await pub.publish(f"trade.binance.spot.S{i % 7}", body, f"binance:spot:S:{i}")
+        await pub.publish(f"trade.binance.spot.S{i % 7}", body, f"binance:spot:S:{i}", token=i)
+    assert len(pub.unacked_tokens()) == len(pub.pending) > 0  # the last publishes still wait for their acks
     await pub.publish("trade.binance.spot.S0", b'{"i": 0}', "binance:spot:S:0")  # a re-send
     assert await pub.flush(30)
+    assert sorted(tokens) == list(range(n)) and pub.unacked_tokens() == []  # each token back once, on its ack
     puller = Puller(nc, "MARKET_DATA", "storage-hot")
     await puller.start()
     got = []

@@ -49,7 +49,9 @@ class Publisher:
         self.nc = nc
         self.max_pending = max_pending
         self.ack_timeout_s = ack_timeout_s
-        self.pending: dict[int, tuple[str, bytes, str, float]] = {}  # n -> subject, payload, msg id, sent
+        # n -> subject, payload, msg id, sent (monotonic), the publisher's token (handed back on ack)
+        self.pending: dict[int, tuple[str, bytes, str, float, object]] = {}
+        self.on_acked = None  # (token) -> None, for every acknowledged message published with a token
         self.acked = 0
         self.duplicates = 0
         self.resent = 0
@@ -75,13 +77,14 @@ class Publisher:
         self._sub = await wire.subscribe(self.nc, self._prefix + "*", self._on_ack)
         self._retry_task = asyncio.create_task(self._retry_loop())
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
-        """Send one message; waits only while max_pending messages are unacknowledged."""
+    async def publish(self, subject: str, payload: bytes, msg_id: str, token: object = None) -> None:
+        """Send one message; waits only while max_pending messages are unacknowledged. `token` (anything)
+        goes to `on_acked` once the stream has the message, and is listed by `unacked_tokens` until then."""
         while len(self.pending) >= self.max_pending:
             self._room.clear()
             await self._room.wait()
         n = next(self._ids)
-        self.pending[n] = (subject, payload, msg_id, time.monotonic())
+        self.pending[n] = (subject, payload, msg_id, time.monotonic(), token)
         self._empty.clear()
         await self._send(n, subject, payload, msg_id)
 
@@ -137,6 +140,8 @@ class Publisher:
             return
         del self.pending[n]
         self.acked += 1
+        if entry[4] is not None and self.on_acked is not None:
+            self.on_acked(entry[4])
         self.duplicates += ack.duplicate
         if len(self.pending) < self.max_pending:
             self._room.set()
@@ -159,14 +164,18 @@ class Publisher:
                 entry = self.pending.pop(n, None)
                 if entry is None:
                     continue  # acked meanwhile
-                subject, payload, msg_id, _ = entry
-                self.pending[n] = (subject, payload, msg_id, time.monotonic())
+                subject, payload, msg_id, _, token = entry
+                self.pending[n] = (subject, payload, msg_id, time.monotonic(), token)
                 self.resent += 1
                 if n in self._refused:
                     self._refused.discard(n)
                 else:
                     metrics.publish_failed(subject, "ack_timeout")
                 await self._send(n, subject, payload, msg_id)
+
+    def unacked_tokens(self):
+        """The tokens of the messages the stream has not acknowledged yet."""
+        return [entry[4] for entry in self.pending.values() if entry[4] is not None]
 
     async def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every published message is acknowledged; False on timeout."""

@@ -1,9 +1,11 @@
 """Continuity the collector owes beyond one connection: across its own restarts and when the bus cannot
 take records. Both turn into gap records, never into silent holes.
 
-- `StreamState` remembers the last record of every stream (time, sequence) in a small JSON file under
-  the data dir, written at most once a second. On start, each remembered stream gets a `restart` gap from
-  its last record to now: a killed or stopped collector leaves a visible, bounded hole.
+- `StreamState` remembers, per stream, where delivery stands (time, sequence) in a small JSON file under
+  the data dir, written at most once a second: after the last record JetStream acknowledged, or, while
+  records of the stream wait for their ack, just before the oldest of them (a kill loses what is still
+  unacknowledged, so the hole starts there). On start, each remembered stream gets a `restart` gap from
+  that point to now: a killed or stopped collector leaves a visible, bounded hole.
 - `Overflow` takes the records dropped while JetStream's unacknowledged backlog is at its bound (NATS down
   for long): per stream it keeps only the first/last time and sequence, so memory stays bounded, and it
   yields one `backpressure` gap per stream once there is room again.
@@ -43,15 +45,43 @@ def _gap(key: StreamKey, reason: str, started_at: int, ended_at: int, from_seq: 
                from_sequence=from_seq, to_sequence=to_seq, started_at=started_at, ended_at=ended_at)
 
 
+# What the publisher carries with a message and hands back on its ack: (stream, timestamp, sequence, is
+# a record). For a record, its own time and sequence; for a gap, the point the gap starts after.
+Token = tuple[StreamKey, int, "int | None", bool]
+
+
 class StreamState:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.last: dict[StreamKey, tuple[int, int | None]] = {}
+        self.last: dict[StreamKey, tuple[int, int | None]] = {}  # the last acknowledged record per stream
+        self.unacked = lambda: ()  # () -> iterable of the tokens still waiting for an ack (set by the owner)
         self.dirty = False
 
-    def seen(self, rec: Record, dt: str) -> None:
-        self.last[key_of(rec, dt)] = (rec.timestamp, sequence_of(rec, dt))
+    @staticmethod
+    def token(rec: Record, dt: str) -> Token:
+        return key_of(rec, dt), rec.timestamp, sequence_of(rec, dt), True
+
+    @staticmethod
+    def gap_token(gap: Gap) -> Token:
+        key = gap.stream_type, gap.exchange, gap.market_type, gap.symbol, gap.instrument
+        return key, gap.started_at, None if gap.from_sequence is None else gap.from_sequence - 1, False
+
+    def acked(self, token: Token) -> None:
+        key, ts, seq, is_record = token
+        if is_record:
+            last = self.last.get(key)
+            if last is None or ts >= last[0]:
+                self.last[key] = (ts, seq)
         self.dirty = True
+
+    def positions(self) -> dict[StreamKey, tuple[int, int | None]]:
+        """Per stream, the point everything up to which is delivered."""
+        holes: dict[StreamKey, tuple[int, int | None]] = {}
+        for key, ts, seq, is_record in self.unacked():
+            point = (ts, seq - 1 if is_record and seq is not None else seq)
+            if key not in holes or point[0] < holes[key][0]:
+                holes[key] = point
+        return {**self.last, **holes}
 
     def restart_gaps(self, now_ms: int) -> list[Gap]:
         """Gaps for every stream the previous run delivered, from its last record to now."""
@@ -69,10 +99,11 @@ class StreamState:
         return gaps
 
     def save(self) -> None:
-        if not self.dirty:
-            return
+        positions = self.positions()
+        if not self.dirty and positions == self.last:
+            return  # nothing acknowledged since the last save, nothing waiting
         self.dirty = False
-        body = {"streams": [{"key": list(k), "timestamp": ts, "sequence": seq} for k, (ts, seq) in self.last.items()]}
+        body = {"streams": [{"key": list(k), "timestamp": ts, "sequence": seq} for k, (ts, seq) in positions.items()]}
         tmp = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,7 @@ class Pacer:
 class Collector:
     def __init__(self, settings: Settings, publish, recorder=None, has_room=None, state_path: Path | None = None):
         self.settings = settings
-        self.publish = publish  # async (subject, payload, msg_id) -> None
+        self.publish = publish  # async (subject, payload, msg_id, token) -> None; token: see StreamState
         self.has_room = has_room  # () -> bool: can the bus take one more record now?
         self.recorder = recorder
         self.state = StreamState(state_path) if state_path else None
@@ -156,8 +156,12 @@ class Collector:
                 self.overflow.drop(rec, dt)  # bounded: the backlog is at its limit; recorded as a gap later
                 metrics.DROPPED.labels(exchange=rec.exchange, data_type=dt).inc()
                 continue
-            if self.state and dt != "gap":
-                self.state.seen(rec, dt)
+            if self.state is None:
+                token = None
+            elif dt == "gap":
+                token = self.state.gap_token(rec)
+            else:
+                token = self.state.token(rec, dt)
             if dt == "gap":
                 metrics.count_gap(rec.exchange, rec.market_type, rec.stream_type, rec.reason)
                 logger.warning("gap {} {} {} {}: {} [{}..{}]", rec.exchange, rec.market_type, rec.symbol,
@@ -170,7 +174,7 @@ class Collector:
                 counter = self._published[(rec.exchange, dt)] = metrics.PUBLISHED.labels(exchange=rec.exchange,
                                                                                           data_type=dt)
             counter.inc()
-            await self.publish(records.subject(rec), records.encode(rec), records.dedup_key(rec))
+            await self.publish(records.subject(rec), records.encode(rec), records.dedup_key(rec), token)
 
     def _room(self) -> bool:
         return self.has_room is None or self.has_room()
@@ -180,7 +184,8 @@ class Collector:
             metrics.count_gap(gap.exchange, gap.market_type, gap.stream_type, gap.reason)
             logger.warning("gap {} {} {} {}: {} [{}..{}]", gap.exchange, gap.market_type, gap.symbol,
                            gap.stream_type, gap.reason, gap.from_sequence, gap.to_sequence)
-            await self.publish(records.subject(gap), records.encode(gap), records.dedup_key(gap))
+            token = self.state.gap_token(gap) if self.state else None
+            await self.publish(records.subject(gap), records.encode(gap), records.dedup_key(gap), token)
 
     async def _save_state_loop(self) -> None:
         while not self.stopping.is_set():

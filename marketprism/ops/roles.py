@@ -87,6 +87,9 @@ async def _collector_part(settings: Settings, nc):
     collector = Collector(settings, publisher.publish, record.from_settings(settings),
                           has_room=lambda: len(publisher.pending) < publisher.max_pending,
                           state_path=Path(settings.data_dir) / "collector-state.json")
+    # delivery positions advance on JetStream's acks; what waits for one is where a kill's hole starts
+    publisher.on_acked = collector.state.acked
+    collector.state.unacked = publisher.unacked_tokens
     collector.coverage = Coverage.from_settings(settings)  # grace and staleness thresholds from settings
     return publisher, collector
 
@@ -138,6 +141,7 @@ async def run_collector(settings: Settings, nc=None) -> None:
     if not await publisher.flush():
         logger.error("collector stopping with {} records JetStream never acknowledged: they are lost",
                      len(publisher.pending))
+    collector.state.save()  # after the last acks: the next start's restart gaps begin where delivery ended
     await publisher.close()
     await health.stop()
     if own:
@@ -205,6 +209,7 @@ async def run_embedded(settings: Settings) -> None:
         if collector.recorder:
             collector.recorder.close()
         await publisher.flush()
+        collector.state.save()
         await publisher.close()
         await asyncio.sleep(settings.flush_interval_s * 2)
         writer.stop()
