@@ -255,6 +255,7 @@ OTHER_ENV = (
     "MARKETPRISM_SOAK_S",  # tests/test_soak.py: soak duration
     "MARKETPRISM_SOAK_SEED",  # tests/test_soak.py: repeats a soak's fault plan
     "MARKETPRISM_SOAK_OUT",  # tests/test_soak.py: where the soak's figures (JSON) are written
+    "MARKETPRISM_SOAK_FAULTS",  # tests/test_soak.py: 0 runs the soak without faults (RSS of long-lived processes)
 )
 
 

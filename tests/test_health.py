@@ -95,9 +95,18 @@ def test_metric_helpers():
 
     lat = {"exchange": "testex", "data_type": "trade"}
     before = value("marketprism_exchange_latency_seconds_count", lat)
-    metrics.observe_exchange_latency("testex", "trade", 1_000_050, 1_000_000)
-    assert value("marketprism_exchange_latency_seconds_count", lat) == before + 1
-    assert value("marketprism_exchange_latency_seconds_bucket", {**lat, "le": "0.05"}) >= 1
+    metrics.TALLY.published("testex", "trade", 1_000_050, 1_000_000)  # 50 ms
+    metrics.TALLY.published("testex", "trade", 1_000_000, 1_000_100)  # -100 ms: a clock offset
+    metrics.TALLY.published("testex", "gap")
+    assert value("marketprism_exchange_latency_seconds_count", lat) == before + 2
+    assert value("marketprism_exchange_latency_seconds_sum", lat) == pytest.approx(-0.05)
+    assert [value("marketprism_exchange_latency_seconds_bucket", {**lat, "le": le})
+            for le in ("0.005", "0.025", "0.05", "0.1", "+Inf")] == [1, 1, 2, 2, 2]  # le: upper bound included
+    assert value("marketprism_records_published_total", lat) == 2
+    assert value("marketprism_records_published_total", {**lat, "data_type": "gap"}) == 1
+    assert value("marketprism_exchange_latency_seconds_count", {**lat, "data_type": "gap"}) == 0  # no time of its own
+    metrics.TALLY.frame("testex_feed")
+    assert value("marketprism_messages_received_total", {"feed": "testex_feed"}) == 1
 
     resync = {"exchange": "testex", "market_type": "spot"}
     metrics.count_gap("testex", "spot", "orderbook", "sequence")

@@ -8,7 +8,8 @@ runs only) the collector's and storage-hot's RSS do not grow.
 Faults do not overlap: each waits until the previous one is recovered from (processes serving /health, the
 collector connected with its backlog acknowledged). The seed (MARKETPRISM_SOAK_SEED, printed) fixes the
 order and the timing of the faults; the machine's timing does the rest. Figures go to <tmp>/soak.json, or to
-MARKETPRISM_SOAK_OUT if set."""
+MARKETPRISM_SOAK_OUT if set. MARKETPRISM_SOAK_FAULTS=0 runs the same without any fault: the RSS slopes of
+processes that live the whole run."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from soak_support import TunedStack, Witness, drained, duplicates, rss_mb, slope
 
 DURATION_S = float(os.environ.get("MARKETPRISM_SOAK_S", "45"))
 SEED = int(os.environ.get("MARKETPRISM_SOAK_SEED", str(random.randrange(1, 10 ** 6))))
+FAULTS = os.environ.get("MARKETPRISM_SOAK_FAULTS", "1") != "0"
 FEEDS = ("binance_spot", "okx")
 RATE = 100  # trade + depth messages per second per instrument: ~150 trades/s over the three instruments
 LONG_RUN_S = 300
@@ -181,7 +183,8 @@ class Faults:
 
 def test_soak_with_random_faults(stack, tmp_path):
     rng = random.Random(SEED)
-    print(f"\nSOAK seed={SEED} duration_s={DURATION_S} (MARKETPRISM_SOAK_SEED={SEED} repeats the fault plan)")
+    print(f"\nSOAK seed={SEED} duration_s={DURATION_S} faults={FAULTS} (MARKETPRISM_SOAK_SEED={SEED} repeats "
+          f"the fault plan)")
     stack.start_nats()
     stack.start_sim()
     stack.init()
@@ -201,6 +204,8 @@ def test_soak_with_random_faults(stack, tmp_path):
         elapsed = time.monotonic() - started
         if elapsed >= DURATION_S:
             break
+        if not FAULTS:
+            continue
         faults.inject(faults.next_kind(elapsed), elapsed)
         wait(faults.recovered, 120, 0.5)
         for name in ("collector", "storage-hot", "nats", "sim"):
@@ -230,7 +235,8 @@ def test_soak_with_random_faults(stack, tmp_path):
     not_gaps = [p for p in report["problems"] if not p.startswith("gaps:")]
     half = ran_s / 2
     figures = {
-        "seed": SEED, "duration_s": round(ran_s, 1), "rate_per_instrument": RATE, "feeds": FEEDS,
+        "seed": SEED, "faults_injected": FAULTS, "duration_s": round(ran_s, 1), "rate_per_instrument": RATE,
+        "feeds": FEEDS,
         "faults": {k: n for k, n in faults.counts.items()}, "faults_total": sum(faults.counts.values()),
         "fault_log": faults.log, "witness": {"connects": witness.connects, "frames": witness.frames},
         "trades": acct,

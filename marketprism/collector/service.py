@@ -116,9 +116,6 @@ class Collector:
         self.stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
-        # labelled metric children, looked up once: labels() costs more than the increment
-        self._frames = {name: metrics.FRAMES.labels(feed=name) for name in self.feeds}
-        self._published: dict[tuple[str, str], object] = {}
         self._reported_errors: dict = {}  # feed -> total, (feed, reason) -> count, as counted in metrics
 
     async def run(self) -> None:
@@ -164,16 +161,12 @@ class Collector:
                 token = self.state.token(rec, dt)
             if dt == "gap":
                 metrics.count_gap(rec.exchange, rec.market_type, rec.stream_type, rec.reason)
+                metrics.TALLY.published(rec.exchange, dt)
                 logger.warning("gap {} {} {} {}: {} [{}..{}]", rec.exchange, rec.market_type, rec.symbol,
                                rec.stream_type, rec.reason, rec.from_sequence, rec.to_sequence)
             else:
                 self.coverage.seen(dt, rec.exchange, rec.market_type)
-                metrics.observe_exchange_latency(rec.exchange, dt, rec.received_at, rec.timestamp)
-            counter = self._published.get((rec.exchange, dt))
-            if counter is None:
-                counter = self._published[(rec.exchange, dt)] = metrics.PUBLISHED.labels(exchange=rec.exchange,
-                                                                                          data_type=dt)
-            counter.inc()
+                metrics.TALLY.published(rec.exchange, dt, rec.received_at, rec.timestamp)
             await self.publish(records.subject(rec), records.encode(rec), records.dedup_key(rec), token)
 
     def _room(self) -> bool:
@@ -182,6 +175,7 @@ class Collector:
     async def _publish_gaps(self, gaps: list[records.Record]) -> None:
         for gap in gaps:
             metrics.count_gap(gap.exchange, gap.market_type, gap.stream_type, gap.reason)
+            metrics.TALLY.published(gap.exchange, "gap")
             logger.warning("gap {} {} {} {}: {} [{}..{}]", gap.exchange, gap.market_type, gap.symbol,
                            gap.stream_type, gap.reason, gap.from_sequence, gap.to_sequence)
             token = self.state.gap_token(gap) if self.state else None
@@ -195,7 +189,7 @@ class Collector:
 
     async def _handle(self, feed: Feed, data, source: str, link: Link | None = None) -> list[str]:
         received = now_ms()
-        self._frames[feed.name].inc()
+        metrics.TALLY.frame(feed.name)
         if self.recorder:
             self.recorder.write(feed.name, received, source, data)
         feed.control_frame = False

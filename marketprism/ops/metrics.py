@@ -12,11 +12,8 @@ from pathlib import Path
 
 import msgspec
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-FRAMES = Counter("marketprism_messages_received_total", "WS frames and REST bodies received", ["feed"])
-PUBLISHED = Counter("marketprism_records_published_total", "Records published to JetStream",
-                    ["exchange", "data_type"])
 PARSE_ERRORS = Counter("marketprism_parse_errors_total", "Frames that could not be parsed", ["feed", "reason"])
 GAPS = Counter("marketprism_gaps_total", "Continuity breaks recorded as gap records",
                ["exchange", "stream_type", "reason"])
@@ -32,10 +29,6 @@ TERMINATED = Counter("marketprism_messages_terminated_total", "Messages that can
 STORE_ERRORS = Counter("marketprism_store_errors_total", "Failed inserts (retried)", ["kind"])
 STORE_LATENCY = Histogram("marketprism_store_latency_seconds", "Exchange event time to insert time",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-EXCHANGE_LATENCY = Histogram("marketprism_exchange_latency_seconds",
-                             "Exchange event time to collector receipt (negative: clock offset, see diagnose)",
-                             ["exchange", "data_type"],
-                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
 COLLECTOR_STORE_LATENCY = Histogram("marketprism_collector_store_latency_seconds",
                                     "Collector receipt (received_at) to hot-tier insert, sampled rows",
                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
@@ -67,16 +60,59 @@ def version() -> str:
 
 BUILD_INFO.labels(version=version()).set(1)
 
-_latency_children: dict[tuple[str, str], object] = {}
+EXCHANGE_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
 
-def observe_exchange_latency(exchange: str, data_type: str, received_ms: int, event_ms: int) -> None:
-    """Per record on the collector's hot path: the labelled child is looked up once, not per call."""
-    child = _latency_children.get((exchange, data_type))
-    if child is None:
-        child = _latency_children[(exchange, data_type)] = EXCHANGE_LATENCY.labels(exchange=exchange,
-                                                                                   data_type=data_type)
-    child.observe((received_ms - event_ms) / 1000)
+class Tally:
+    """The collector's per-frame and per-record metrics, counted in plain dicts and turned into Prometheus
+    samples only when scraped. A prometheus_client counter or histogram takes a lock per update: on the
+    collector's hot path that was a tenth of its CPU. Exposes, with the usual names, types and labels:
+    marketprism_messages_received_total{feed}, marketprism_records_published_total{exchange, data_type},
+    marketprism_exchange_latency_seconds{exchange, data_type} (a histogram)."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, int] = {}
+        # (exchange, data_type) -> [count per latency bucket (the last one +Inf)..., latency sum, published]
+        self.records: dict[tuple[str, str], list] = {}
+
+    def frame(self, feed: str) -> None:
+        self.frames[feed] = self.frames.get(feed, 0) + 1
+
+    def published(self, exchange: str, data_type: str, received_ms: int | None = None,
+                  event_ms: int | None = None) -> None:
+        """One record published; with its receipt and exchange times, one exchange-latency observation."""
+        entry = self.records.get((exchange, data_type))
+        if entry is None:
+            entry = self.records[(exchange, data_type)] = [0] * (len(EXCHANGE_LATENCY_BUCKETS) + 3)
+        entry[-1] += 1
+        if received_ms is not None:
+            latency = (received_ms - event_ms) / 1000
+            entry[bisect.bisect_left(EXCHANGE_LATENCY_BUCKETS, latency)] += 1  # bucket le >= latency
+            entry[-2] += latency
+
+    def collect(self):
+        frames = CounterMetricFamily("marketprism_messages_received", "WS frames and REST bodies received",
+                                     labels=["feed"])
+        for feed, n in sorted(self.frames.items()):
+            frames.add_metric([feed], n)
+        published = CounterMetricFamily("marketprism_records_published", "Records published to JetStream",
+                                        labels=["exchange", "data_type"])
+        latency = HistogramMetricFamily("marketprism_exchange_latency_seconds",
+                                        "Exchange event time to collector receipt (negative: clock offset, see "
+                                        "diagnose)", labels=["exchange", "data_type"])
+        for key, entry in sorted(self.records.items()):
+            entry = entry[:]  # one consistent copy (the scrape may run beside the event loop)
+            published.add_metric(list(key), entry[-1])
+            if key[1] == "gap":
+                continue  # a gap has no exchange time of its own
+            cumulative, buckets = 0, []
+            for bound, n in zip((*EXCHANGE_LATENCY_BUCKETS, float("inf")), entry[:-2]):
+                cumulative += n
+                buckets.append((str(float(bound)) if bound != float("inf") else "+Inf", cumulative))
+            latency.add_metric(list(key), buckets, entry[-2])
+        yield frames
+        yield published
+        yield latency
 
 
 def count_gap(exchange: str, market_type: str, stream_type: str, reason: str) -> None:
@@ -186,8 +222,10 @@ class DiskCollector:
 
 COVERAGE = CoverageCollector()
 DISK = DiskCollector()
+TALLY = Tally()
 REGISTRY.register(COVERAGE)
 REGISTRY.register(DISK)
+REGISTRY.register(TALLY)
 
 DROPPED = Counter("marketprism_records_dropped_total",
                   "Records dropped because the JetStream backlog was at its bound (each run becomes a gap)",
