@@ -151,3 +151,34 @@ def test_latency_percentiles_are_bucket_bounds():
     p50, p99, n = latency_percentiles(buckets)
     assert n == 100 and p50 == latency_bucket(10) and p99 == latency_bucket(250)
     assert latency_percentiles({}) == (None, None, 0)
+
+
+class FakePipe:
+    """A pipeline that keeps up with any rate up to `limit` records/s."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit, self.rates = limit, []
+
+    def run(self, load) -> dict:
+        self.rates.append(round(load.rate))
+        kept = load.rate <= self.limit
+        sent = load.rate * load.duration_s
+        return {"sent": sent, "source_s": load.duration_s, "drain_s": 0.5 if kept else 9.0, "duration_s": 12.0,
+                "inserted": sent if kept else sent / 2, "cpu_cores": {}, "other_load_cores": 0.0}
+
+
+@pytest.mark.parametrize("limit, expected_rates, found", [
+    # up by a quarter until one fails, then the step between the last two halved twice
+    (52_000, [10_000, 12_500, 15_625, 19_531, 24_414, 30_518, 38_147, 47_684, 59_605, 53_644, 50_664], 50_664),
+    # the first probe fails: down by 0.7 until one keeps up, back up, then halved twice
+    (6_000, [10_000, 7_000, 4_900, 6_125, 5_512, 5_819], 5_819),
+])
+def test_rate_probes_narrow_the_step(limit, expected_rates, found):
+    from types import SimpleNamespace
+
+    from marketprism import bench
+    pipe = FakePipe(limit)
+    args = SimpleNamespace(probe_start=10_000.0, probe_duration=12.0, symbols=100)
+    rate, probes = bench._find_rate(pipe, args, lambda _: None)
+    assert (pipe.rates, round(rate)) == (expected_rates, found)
+    assert [p["kept_up"] for p in probes] == [r <= limit for r in expected_rates]

@@ -177,22 +177,37 @@ def _sustained_run(pipe, args, rate: float, probes: list[dict], say) -> dict:
 
 
 def _find_rate(pipe, args, say) -> tuple[float, list[dict]]:
-    """Probe upwards by a quarter while the pipeline keeps up (downwards if the first probe does not);
-    the highest rate that kept up wins. Keeping up: the source delivered the rate, and storage-hot had
-    stored all of it within 2 s of the source pausing."""
+    """Probe upwards by a quarter while the pipeline keeps up (downwards if the first probe does not),
+    then halve the step twice between the highest rate that kept up and the lowest that did not; the
+    highest rate that kept up wins. Keeping up: the source delivered the rate, and storage-hot had stored
+    all of it within 2 s of the source pausing."""
     from marketprism.bench.e2e import Load
-    rate, best, probes = args.probe_start, None, []
-    for _ in range(12):
+    probes: list[dict] = []
+
+    def probe(rate: float) -> bool:
         say(f"probe: {rate:.0f} records/s for {args.probe_duration:.0f} s ...")
         r = pipe.run(Load(f"probe-{rate:.0f}", args.symbols, rate, args.probe_duration))
         delivered = r["sent"] / max(r["source_s"], 1e-9)
         kept_up = _kept_up(r, rate)
-        probes.append({"rate": rate, "sent_per_s": round(delivered), "drain_s": r["drain_s"], "kept_up": kept_up,
-                       "stored_per_s": round(r["inserted"] / max(r["duration_s"], 1e-9)),
+        probes.append({"rate": round(rate), "sent_per_s": round(delivered), "drain_s": r["drain_s"],
+                       "kept_up": kept_up, "stored_per_s": round(r["inserted"] / max(r["duration_s"], 1e-9)),
                        "cpu_cores": r["cpu_cores"], "other_load_cores": r["other_load_cores"]})
-        if kept_up:
+        return kept_up
+
+    rate, best, failed = args.probe_start, None, None
+    for _ in range(12):
+        if probe(rate):
             best = rate
-        if best is not None and not kept_up:
-            break
-        rate = rate * 1.25 if kept_up else rate * 0.7
+        else:
+            failed = rate
+            if best is not None:
+                break
+        rate = rate * 1.25 if best == rate else rate * 0.7
+    if best is not None and failed is not None:
+        for _ in range(2):
+            mid = (best + failed) / 2
+            if probe(mid):
+                best = mid
+            else:
+                failed = mid
     return (best or rate), probes
