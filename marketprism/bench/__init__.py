@@ -170,7 +170,8 @@ def _sustained_run(pipe, args, rate: float, probes: list[dict], say) -> dict:
         run["kept_up"] = _kept_up(run, rate)
         if run["kept_up"] or args.rate is not None or attempt == 2:
             break
-        earlier.append({k: run[k] for k in ("rate_requested", "sent", "drain_s", "other_load_cores")})
+        earlier.append({k: run[k] for k in ("rate_requested", "sent", "inserted", "source_s", "drain_s", "cpu_cores",
+                                            "other_load_cores")})
         rate *= 0.8
     run["probes"], run["slower_attempts"] = probes, earlier
     return run

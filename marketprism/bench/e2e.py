@@ -74,8 +74,10 @@ class Pipeline:
     def run(self, load: Load) -> dict:
         """Run one load; its store figures are filled in by finish()."""
         phase = Phase(load, len(self.phases) + 1)
-        self.phases.append(phase)
         st = self.stack
+        if self.phases:
+            st.restart_nats()
+        self.phases.append(phase)
         before = _inserted(st)
         st.start_source(self.source_command(phase))
         st.start_collector(phase.tag, phase.symbols(), "trade,orderbook" if load.books else "trade", load.depth,

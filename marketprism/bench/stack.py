@@ -4,7 +4,9 @@ a source (`marketprism simulate`, or the pre-encoded replay source) and `marketp
 with its settings in its environment.
 
 The pipeline (nats-server, storage-hot) stays up across loads; each load brings its own source and
-collector with symbols of its own, so that the store tells the loads apart by symbol. Measurement reads
+collector with symbols of its own, so that the store tells the loads apart by symbol. nats-server is
+restarted on its store between loads: its duplicate window (the ids of the last two minutes, about 2 GB
+after a minute at 40,000 records/s) would otherwise make each load pay for the ones before it. Measurement reads
 only what the processes publish (/health, /_sim/stats) and what the kernel counts for them (/proc/PID/stat
 CPU ticks, /proc/PID/status RSS). The store is read by `marketprism query` after storage-hot has exited,
 because chDB allows one process per data directory.
@@ -110,6 +112,15 @@ class Stack:
         self._spawn("storage-hot", ["marketprism", "storage-hot"], self.env)
         wait_until(lambda: self.check_alive("storage-hot") or self.health("storage-hot") is not None, 60,
                    "storage-hot answering /health")
+
+    def restart_nats(self) -> None:
+        """The same nats-server (store, port) restarted: the streams and consumers stay, the duplicate
+        window starts empty (rebuilt from the stored messages, none once the previous load drained)."""
+        self.nats.stop()
+        asyncio.run(self.nats.start())
+        time.sleep(1.0)  # storage-hot notices the closed connection before it is asked whether it is back
+        wait_until(lambda: self.check_alive("storage-hot") or self.hot().get("nats_connected") is True, 60,
+                   "storage-hot reconnected to nats-server")
 
     def start_source(self, command: list[str]) -> None:
         """`command`: the load source after `python -m`; it is given `--port`."""
