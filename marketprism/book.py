@@ -62,7 +62,7 @@ class Book:
         """The best `depth` levels per side, best first."""
         if depth <= 0:
             return [], []
-        return self._bids[-depth:][::-1], self._asks[-depth:][::-1]
+        return self._bids[:-depth - 1:-1], self._asks[:-depth - 1:-1]  # one reversed slice each (clamped)
 
     def crossed(self) -> bool:
         return bool(self._bids and self._asks) and self._bid_keys[-1] >= -self._ask_keys[-1]
