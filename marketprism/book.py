@@ -1,7 +1,9 @@
 """An L2 order book that keeps the exchange's own price and quantity strings.
 
 Levels are ordered by float price for ordering only; the strings the exchange sent are what is emitted,
-so no value is ever rounded on its way to the store.
+so no value is ever rounded on its way to the store. Those strings must be plain non-negative decimals
+(digits and points): float() alone would let `1e5`, `nan`, ` 1` or `1_0` into the book, and from there
+into every record of it until the level changes.
 
 Each side is two parallel Python lists sorted so that the best level is the *last* element: the top N
 levels are then one slice (a few microseconds for 400 levels, where a sorted mapping walks N keys and
@@ -11,8 +13,15 @@ looks each one up), and the frequent changes near the touch move only the few el
 from __future__ import annotations
 
 from bisect import bisect_left
+from itertools import chain
 
 from marketprism.records import Level
+
+
+def _plain(rows) -> bool:
+    """Every field of these rows is digits and points: one scan over the whole side, not one per string."""
+    text = "".join(chain.from_iterable(rows)).replace(".", "")
+    return not text or (text.isascii() and text.isdigit())
 
 
 def _apply(keys: list[float], levels: list[Level], rows, sign: float) -> None:
@@ -52,7 +61,10 @@ class Book:
         self.update(bids, asks)
 
     def update(self, bids, asks) -> None:
-        """Apply absolute levels (rows of price, quantity, ...): quantity zero removes the level."""
+        """Apply absolute levels (rows of price, quantity, ...): quantity zero removes the level. A field
+        that is not a plain decimal string raises ValueError before anything is applied."""
+        if not (_plain(bids) and _plain(asks)):
+            raise ValueError("a book level that is not a plain decimal")
         if bids:
             _apply(self._bid_keys, self._bids, bids, 1.0)
         if asks:

@@ -182,3 +182,29 @@ def test_rate_probes_narrow_the_step(limit, expected_rates, found):
     rate, probes = bench._find_rate(pipe, args, lambda _: None)
     assert (pipe.rates, round(rate)) == (expected_rates, found)
     assert [p["kept_up"] for p in probes] == [r <= limit for r in expected_rates]
+
+
+def test_book_refuses_levels_that_are_not_plain_decimals():
+    book = Book()
+    book.load([("100.5", "1")], [("101", "2.25")])
+    for bad in ("1e5", "nan", "inf", " 1", "1_0", "-1", "+1", "\uff11", "1\n"):
+        with pytest.raises(ValueError):
+            book.update([("100.5", bad)], [])
+        with pytest.raises(ValueError):
+            book.update([("99", "1")], [(bad, "1")])  # nothing of the message applied, its good side neither
+    assert book.top(5) == ([("100.5", "1")], [("101", "2.25")])
+    book.update([("100.5", "0"), ("100.25", "3", "0", "4")], [])  # extra fields (OKX) are plain too
+    assert book.top(5) == ([("100.25", "3")], [("101", "2.25")])
+
+
+def test_binance_diff_with_a_bad_level_is_counted_and_breaks_the_chain():
+    from marketprism.exchanges.binance import BinanceSpotFeed
+    from marketprism.records import Gap, OrderBook
+    snapshot, diffs = parse.depth_frames(FIXTURES, 3)
+    feed = BinanceSpotFeed(depth=400, book_interval_ms=0)
+    feed.on_message(snapshot, "/api/v3/depth?symbol=BTCUSDT&limit=1000", 0)
+    assert [type(r) for r in feed.on_message(diffs[0], None, 0)] == [OrderBook]
+    bad = json.loads(diffs[1])
+    bad["data"]["b"] = [[bad["data"]["b"][0][0], "nan"]] if bad["data"]["b"] else [["1", "nan"]]
+    assert feed.on_message(json.dumps(bad), None, 0) == [] and sum(feed.errors.values()) == 1
+    assert [type(r) for r in feed.on_message(diffs[2], None, 0)] == [Gap]  # the dropped diff is a gap
