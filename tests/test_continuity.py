@@ -33,6 +33,13 @@ def collector(tmp_path, room, unacked=None):
     return c, sent
 
 
+async def saved_after(tmp_path, trades, unacked=None) -> None:
+    """A collector that emitted `trades` and saved its stream state."""
+    c, _ = collector(tmp_path, [True], unacked)
+    await c.emit(c.feeds["binance_spot"], trades)
+    c.state.save()
+
+
 async def test_full_backlog_drops_into_one_gap_per_stream(tmp_path):
     room = [True]
     c, sent = collector(tmp_path, room)
@@ -53,9 +60,7 @@ async def test_full_backlog_drops_into_one_gap_per_stream(tmp_path):
 
 
 async def test_restart_gap_from_the_saved_state(tmp_path):
-    c, _ = collector(tmp_path, [True])
-    await c.emit(c.feeds["binance_spot"], TRADES[:50])
-    c.state.save()
+    await saved_after(tmp_path, TRADES[:50])
     again, _ = collector(tmp_path, [True])
     gaps = again.state.restart_gaps(now_ms=TRADES[49].timestamp + 60_000)
     assert len(gaps) == 1
@@ -68,9 +73,7 @@ async def test_restart_gap_from_the_saved_state(tmp_path):
 
 async def test_restart_gap_starts_at_the_oldest_unacknowledged_record(tmp_path):
     """A kill loses what the bus has not acknowledged: the hole starts there, not after the last publish."""
-    c, _ = collector(tmp_path, [True], unacked={t.trade_id for t in TRADES[30:50]})
-    await c.emit(c.feeds["binance_spot"], TRADES[:50])
-    c.state.save()
+    await saved_after(tmp_path, TRADES[:50], unacked={t.trade_id for t in TRADES[30:50]})
     gaps = collector(tmp_path, [True])[0].state.restart_gaps(now_ms=TRADES[49].timestamp + 60_000)
     assert [(g.reason, g.from_sequence, g.started_at) for g in gaps] == [
         ("restart", int(TRADES[30].trade_id), TRADES[30].timestamp)]
@@ -78,10 +81,8 @@ async def test_restart_gap_starts_at_the_oldest_unacknowledged_record(tmp_path):
 
 async def test_unacknowledged_gap_keeps_its_start_for_the_next_restart(tmp_path):
     """Restart gaps not acknowledged before another kill: the next restart's gap covers both outages."""
-    c, _ = collector(tmp_path, [True])
-    await c.emit(c.feeds["binance_spot"], TRADES[:50])
-    c.state.save()
-    again, sent = collector(tmp_path, [True])
+    await saved_after(tmp_path, TRADES[:50])
+    again, _ = collector(tmp_path, [True])
     gaps = again.state.restart_gaps(now_ms=TRADES[49].timestamp + 60_000)
     waiting = [again.state.gap_token(g) for g in gaps]  # published, never acknowledged
     again.state.unacked = lambda: waiting

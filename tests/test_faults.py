@@ -82,6 +82,17 @@ def finish(stack: Stack) -> None:
     assert stack.kill("storage-hot", signal.SIGTERM) == 0
 
 
+def restart_collector_and_drain(stack: Stack, name: str, started: float) -> tuple[dict, int, int]:
+    """Start the killed collector again, let it publish, drain; (stream sequences, rows, keys), reported."""
+    stack.start("collector")
+    wait(lambda: stack.health("collector")["collector"]["published_acked"] > 100, 30)
+    finish(stack)
+    seqs, _ = stream_last_seqs(stack.nats_port)
+    rows, keys = stored(stack)
+    report(name, seqs, rows, keys, started)
+    return seqs, rows, keys
+
+
 def test_storage_hot_sigkill_under_load_loses_nothing(stack):
     started = time.monotonic()
     start_all(stack)
@@ -133,12 +144,7 @@ def test_collector_sigkill_restart_no_duplicates_and_outage_is_a_gap(stack):
     time.sleep(1.5)  # the stream state is saved once a second
     assert stack.kill("collector") == -signal.SIGKILL
     time.sleep(2)
-    stack.start("collector")
-    wait(lambda: stack.health("collector")["collector"]["published_acked"] > 100, 30)
-    finish(stack)
-    seqs, _ = stream_last_seqs(stack.nats_port)
-    rows, keys = stored(stack)
-    report("collector SIGKILL, 2 s down", seqs, rows, keys, started)
+    seqs, rows, keys = restart_collector_and_drain(stack, "collector SIGKILL, 2 s down", started)
     assert keys == sum(seqs.values()) and rows == keys  # nothing published twice is stored twice
     restart = stack.query("SELECT stream_type, exchange, market_type, count() FROM marketprism_hot.gaps "
                           "WHERE reason = 'restart' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
@@ -166,12 +172,7 @@ def test_collector_sigkill_while_nats_down_puts_its_unacked_records_in_the_gap(s
     time.sleep(1.5)  # the stream state is saved once a second
     assert stack.kill("collector") == -signal.SIGKILL
     stack.start_nats()
-    stack.start("collector")
-    wait(lambda: stack.health("collector")["collector"]["published_acked"] > 100, 30)
-    finish(stack)
-    seqs, _ = stream_last_seqs(stack.nats_port)
-    rows, keys = stored(stack)
-    report("collector SIGKILL while nats-server down", seqs, rows, keys, started)
+    seqs, rows, keys = restart_collector_and_drain(stack, "collector SIGKILL while nats-server down", started)
     assert final_rows(stack) == keys
     for exchange, market_type in (("binance", "spot"), ("okx", "spot"), ("okx", "perpetual")):
         where = f"exchange = '{exchange}' AND market_type = '{market_type}'"

@@ -5,10 +5,10 @@ with its settings in its environment.
 
 The pipeline (nats-server, storage-hot) stays up across loads; each load brings its own source and
 collector with symbols of its own, so that the store tells the loads apart by symbol. nats-server is
-restarted on its store between loads: its duplicate window (the ids of the last two minutes, about 2 GB
-after a minute at 40,000 records/s) would otherwise make each load pay for the ones before it. Measurement reads
-only what the processes publish (/health, /_sim/stats) and what the kernel counts for them (/proc/PID/stat
-CPU ticks, /proc/PID/status RSS). The store is read by `marketprism query` after storage-hot has exited,
+restarted on its store between loads: its duplicate window (the ids of the last two minutes, 2.2 GB at
+40,000 records/s) would otherwise make each load pay for the ones before it. Measurement reads only what
+the processes publish (/health, /_sim/stats) and what the kernel counts for them (/proc/PID/stat CPU
+ticks, /proc/PID/status RSS). The store is read by `marketprism query` after storage-hot has exited,
 because chDB allows one process per data directory.
 """
 

@@ -153,20 +153,12 @@ class Collector:
                 self.overflow.drop(rec, dt)  # bounded: the backlog is at its limit; recorded as a gap later
                 metrics.DROPPED.labels(exchange=rec.exchange, data_type=dt).inc()
                 continue
-            if self.state is None:
-                token = None
-            elif dt == "gap":
-                token = self.state.gap_token(rec)
-            else:
-                token = self.state.token(rec, dt)
             if dt == "gap":
-                metrics.count_gap(rec.exchange, rec.market_type, rec.stream_type, rec.reason)
-                metrics.TALLY.published(rec.exchange, dt)
-                logger.warning("gap {} {} {} {}: {} [{}..{}]", rec.exchange, rec.market_type, rec.symbol,
-                               rec.stream_type, rec.reason, rec.from_sequence, rec.to_sequence)
-            else:
-                self.coverage.seen(dt, rec.exchange, rec.market_type)
-                metrics.TALLY.published(rec.exchange, dt, rec.received_at, rec.timestamp)
+                await self._publish_gaps([rec])
+                continue
+            self.coverage.seen(dt, rec.exchange, rec.market_type)
+            metrics.TALLY.published(rec.exchange, dt, rec.received_at, rec.timestamp)
+            token = self.state.token(rec, dt) if self.state else None
             await self.publish(records.subject(rec), records.encode(rec), records.dedup_key(rec), token)
 
     def _room(self) -> bool:
