@@ -135,12 +135,29 @@ def test_book_matches_a_plain_reference(seed):
     assert book.top(0) == ([], [])
 
 
-def test_book_levels_may_carry_extra_fields_and_cross():
+def test_book_stores_the_level_tuples_it_is_given_and_may_cross():
     book = Book()
-    book.load([("10.5", "1", "0", "3")], [("10.4", "2", "0", "1")])  # OKX rows: price, size, 0, orders
-    assert book.top(5) == ([("10.5", "1")], [("10.4", "2")]) and book.crossed()
-    book.update([("10.5", "0", "0", "0")], [])
+    bid, ask = ("10.5", "1"), ("10.4", "2")
+    book.load([bid], [ask])
+    bids, asks = book.top(5)
+    assert bids == [bid] and bids[0] is bid and asks[0] is ask and book.crossed()
+    book.update([("10.5", "0")], [])
     assert not book.crossed() and len(book) == 1
+    with pytest.raises(ValueError):
+        book.update([("10.5", "1", "0", "3")], [])  # OKX's 4-field rows are cut to pairs by okx.py
+
+
+def test_book_refuses_a_price_beyond_float_range_and_recovers_on_clear():
+    book = Book()
+    book.load([("100", "1")], [("101", "1")])
+    huge = "9" * 400  # a plain decimal that float() takes to inf
+    for bids in ([(huge, "1")], [(huge, "0")]):
+        with pytest.raises(ValueError):
+            book.update(bids, [])
+        book.load([("100", "1")], [("101", "1")])  # what a feed does next: reset and a new snapshot
+        assert book.top(5) == ([("100", "1")], [("101", "1")])
+    book.update([], [(huge, "1")])  # an ask that far out is only the worst level: nothing breaks
+    assert book.top(5)[1] == [("101", "1"), (huge, "1")]
 
 
 def test_latency_percentiles_are_bucket_bounds():
@@ -193,8 +210,11 @@ def test_book_refuses_levels_that_are_not_plain_decimals():
         with pytest.raises(ValueError):
             book.update([("99", "1")], [(bad, "1")])  # nothing of the message applied, its good side neither
     assert book.top(5) == ([("100.5", "1")], [("101", "2.25")])
-    book.update([("100.5", "0"), ("100.25", "3", "0", "4")], [])  # extra fields (OKX) are plain too
+    book.update([("100.5", "0"), ("100.25", "3")], [])
     assert book.top(5) == ([("100.25", "3")], [("101", "2.25")])
+    for bad in ("1.2.3", ".", ""):  # digits and points, but no number: refused part way
+        with pytest.raises(ValueError):
+            book.update([("100.5", "1"), (bad, "1")], [])
 
 
 def test_binance_diff_with_a_bad_level_is_counted_and_breaks_the_chain():
@@ -206,5 +226,26 @@ def test_binance_diff_with_a_bad_level_is_counted_and_breaks_the_chain():
     assert [type(r) for r in feed.on_message(diffs[0], None, 0)] == [OrderBook]
     bad = json.loads(diffs[1])
     bad["data"]["b"] = [[bad["data"]["b"][0][0], "nan"]] if bad["data"]["b"] else [["1", "nan"]]
-    assert feed.on_message(json.dumps(bad), None, 0) == [] and sum(feed.errors.values()) == 1
-    assert [type(r) for r in feed.on_message(diffs[2], None, 0)] == [Gap]  # the dropped diff is a gap
+    gap, = feed.on_message(json.dumps(bad), None, 0)
+    assert type(gap) is Gap and feed.errors == {"invalid level": 1}
+    first = json.loads(diffs[0])["data"]["u"] + 1
+    assert (gap.reason, gap.from_sequence, gap.to_sequence) == ("invalid", first, bad["data"]["u"])
+    assert feed.take_requests() == ["/api/v3/depth?symbol=BTCUSDT&limit=1000"]  # a resync
+    assert feed.on_message(diffs[2], None, 0) == []  # held for the new snapshot
+
+
+@pytest.mark.parametrize("levels, plain", [
+    ('[["100.5","1.25"],["99","0.00000000"]]', True),
+    ('[ ["100.5", "1.25"] ]', False),  # spaces: the strings are then checked one by one (and pass)
+    ('[["\\u0031","1"]]', False),  # an escape: checked one by one
+    ('[["1e5","1"]]', False),
+    ('[]', True),
+])
+def test_binance_diff_levels_are_known_plain_from_their_bytes(levels, plain):
+    import msgspec
+
+    from marketprism.exchanges.binance import depth_diff
+    from marketprism.exchanges.binance_wire import WsDepth
+    frame = f'{{"e":"depthUpdate","E":1,"s":"BTCUSDT","U":5,"u":6,"b":{levels},"a":[]}}'
+    diff = depth_diff(msgspec.json.decode(frame, type=WsDepth))
+    assert diff.plain is plain and diff.b == [tuple(r) for r in json.loads(levels)]

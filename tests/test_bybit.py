@@ -162,6 +162,23 @@ def test_tampered_u_gives_one_gap_and_silence_until_snapshot():
     assert (again[-1].bids, again[-1].asks) == reconstruct([snapshot, delta])
 
 
+@pytest.mark.parametrize("bad_frame", [1, 0])
+def test_a_refused_level_gives_an_invalid_gap_and_a_resubscription(bad_frame):
+    frames = lines("orderbook50_spot_BTCUSDT_2023-04-21_roq.jsonl")
+    snapshot, delta = frames
+    frames[bad_frame] = frames[bad_frame].replace(b'"0.031', b'"1e5', 1)  # float() would take it
+    feed = BybitSpotFeed()
+    out = run(feed, frames)
+    gaps = [r for r in out if isinstance(r, Gap)]
+    assert len(gaps) == 1 and feed.errors == {"invalid level": 1}
+    expected = (1323397, 1323397) if bad_frame else (None, json.loads(snapshot)["data"]["u"])
+    assert (gaps[0].reason, gaps[0].from_sequence, gaps[0].to_sequence) == ("invalid", *expected)
+    assert [json.loads(m)["op"] for m in feed.take_outgoing()] == ["unsubscribe", "subscribe"]
+    assert out[-1] is gaps[0]  # nothing after it: the refused snapshot's delta is not applied either
+    again = run(feed, [snapshot, delta])
+    assert (again[-1].bids, again[-1].asks) == reconstruct([snapshot, delta])
+
+
 def test_snapshot_mid_stream_replaces_the_book():
     # Bybit resends a snapshot after a service restart ("If you receive a new snapshot message, you will
     # have to reset your local orderbook"): the later recording's snapshot replaces the earlier book.

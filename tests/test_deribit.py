@@ -238,6 +238,20 @@ def test_tampered_prev_change_id_gives_one_gap():
     assert (out[2].from_sequence, out[2].to_sequence) == (33195894765 + 1, 33195894765 + 1)
 
 
+def test_a_refused_level_gives_an_invalid_gap_and_a_resubscription():
+    frames = lines(BOOK4)
+    data = json.loads(frames[1])
+    data["params"]["data"]["bids"][0][2] = -4.6  # a negative amount: no plain decimal, refused by the book
+    feed = DeribitFeed()
+    out = run(feed, [frames[0], json.dumps(data).encode(), *frames[2:]])
+    assert [type(r) for r in out] == [OrderBook, Gap] and feed.errors == {"invalid level": 1}
+    change = data["params"]["data"]
+    assert (out[1].reason, out[1].from_sequence, out[1].to_sequence) == (
+        "invalid", change["prev_change_id"] + 1, change["change_id"])
+    assert [json.loads(m)["method"] for m in feed.take_outgoing()] == ["public/unsubscribe", "public/subscribe"]
+    assert len(run(feed, lines(BOOK4))) == 4
+
+
 def test_disconnect_gives_gap_and_resets_books():
     feed = DeribitFeed()
     run(feed, lines(BOOK4))

@@ -99,8 +99,8 @@ def as_int(value) -> int:
 
 
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
-# Decimal-string fields per record type. Book levels are not listed: Book.update parses every price and
-# quantity with float(), which already rejects a non-number before a level is stored.
+# Decimal-string fields per record type. Book levels are not listed: Book.update refuses a message with a
+# level that is not a plain decimal, and every feed turns that into an `invalid` gap and a resync.
 _DECIMAL_FIELDS = {cls: tuple(f for f in ("price", "quantity", "funding_rate", "mark_price", "index_price",
                                           "open_interest", "open_interest_value", "long_short_ratio",
                                           "long_ratio", "short_ratio", "value") if f in cls.__struct_fields__)
@@ -224,11 +224,10 @@ class Feed:
     def _book_changed(self, out: list[Record], instrument: str, symbol: str, market_type: str, book: Book,
                       sequence: int, timestamp: int, received_at: int) -> None:
         """Emit the top-N book now (replay, interval 0) or mark it for the next flush."""
-        entry = (instrument, symbol, market_type, book, sequence, timestamp, received_at)
         if self.book_interval_ms <= 0:
-            out.append(self._book_record(*entry))
+            out.append(self._book_record(instrument, symbol, market_type, book, sequence, timestamp, received_at))
         else:
-            self._dirty[instrument] = entry
+            self._dirty[instrument] = (instrument, symbol, market_type, book, sequence, timestamp, received_at)
 
     def _book_record(self, instrument, symbol, market_type, book, sequence, timestamp, received_at) -> OrderBook:
         bids, asks = book.top(self.depth)

@@ -13,9 +13,10 @@ from collections import deque
 from marketprism.book import Book
 from marketprism.exchanges.base import (Feed, Poll, Subscription, Unparseable, multiply, query_params,
                                         source_path, two_decimals)
-from marketprism.exchanges.binance_wire import (ANY, COMBINED, DepthSnapshot, ENVELOPE, EVENT, OPEN_INTEREST,
-                                                OpenInterestBody, PREMIUM, PremiumIndex, RATIOS, RatioRow, SNAPSHOT,
-                                                WsAggTrade, WsDepth, WsForceOrder, WsMarkPrice, WsTrade)
+from marketprism.exchanges.binance_wire import (ANY, COMBINED, DepthDiff, DepthSnapshot, ENVELOPE, EVENT, LEVELS,
+                                                OPEN_INTEREST, OpenInterestBody, PLAIN_LEVEL_BYTES, PREMIUM,
+                                                PremiumIndex, RATIOS, RatioRow, SNAPSHOT, WsAggTrade, WsDepth,
+                                                WsForceOrder, WsMarkPrice, WsTrade)
 from marketprism.records import (FundingRate, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest, Record,
                                  Trade)
 
@@ -27,6 +28,12 @@ BUFFER_LIMIT = 300
 RATIO_PERIOD = "5m"
 
 
+def depth_diff(ev: WsDepth) -> DepthDiff:
+    """Decode a diff's levels, and check as raw bytes whether each of them is a plain decimal (when not,
+    Book.update checks every string and refuses the message if one is not)."""
+    b, a = bytes(ev.b), bytes(ev.a)
+    return DepthDiff(ev.s, ev.E, ev.U, ev.u, ev.pu, LEVELS.decode(b), LEVELS.decode(a),
+                     not (b.translate(None, PLAIN_LEVEL_BYTES) or a.translate(None, PLAIN_LEVEL_BYTES)))
 
 
 class DepthSync:
@@ -38,7 +45,7 @@ class DepthSync:
         self.snapshot_id: int | None = None
         self.last_u = 0
         self.live = False
-        self.buffer: deque[WsDepth] = deque(maxlen=BUFFER_LIMIT)
+        self.buffer: deque[DepthDiff] = deque(maxlen=BUFFER_LIMIT)
         self.last_time = 0
         self.requested = False
 
@@ -92,37 +99,35 @@ class BinanceFeed(Feed):
     # -- parse -------------------------------------------------------------------------------------
     def _handle(self, data, source, received_at):
         if data[:10] in COMBINED:  # a combined-stream frame, the hot path (no REST body starts so)
-            event = ENVELOPE.decode(data).data
-            self.decimals_checked = type(event) is WsAggTrade  # the one record's decimals: checked in _events
-            return self._events(event, received_at)
+            return self._events(ENVELOPE.decode(data).data, received_at)
         if source and not source.startswith("ws"):
             return self._rest(data, source, received_at)
         obj = ANY.decode(data)
         if isinstance(obj, dict) and "e" in obj:
-            event = EVENT.decode(data)
-            self.decimals_checked = type(event) is WsAggTrade
-            return self._events(event, received_at)
+            return self._events(EVENT.decode(data), received_at)
         if isinstance(obj, dict) and "result" in obj and "id" in obj:
             return []  # subscribe acknowledgement
         return self._bare_rest(obj, data, received_at)
 
     def _events(self, event, received_at: int) -> list[Record]:
-        if type(event) is WsAggTrade:  # the busiest stream, without the general loop
+        kind = type(event)
+        if kind is WsAggTrade:  # the busiest streams first, without the general loop
             if not two_decimals(event.p, event.q):
                 raise Unparseable("not a decimal")
+            self.decimals_checked = True
             symbol, market_type = self._name_cache.get(event.s) or self._names(event.s)
             return [Trade(exchange="binance", market_type=market_type, symbol=symbol, instrument=event.s,
                           timestamp=event.T, received_at=received_at, trade_id=str(event.a), price=event.p,
                           quantity=event.q, side="sell" if event.m else "buy")]
         out: list[Record] = []
-        for ev in event if type(event) is list else (event,):
+        if kind is WsDepth:
+            self.decimals_checked = True  # book and gap records: no decimal field outside the book's levels
+            self._depth(out, depth_diff(event), received_at)
+            return out
+        for ev in event if kind is list else (event,):
             kind = type(ev)
             if kind is WsTrade:
                 self._trade(out, ev.s, str(ev.t), ev.t, ev.p, ev.q, ev.m, ev.T, received_at)
-            elif kind is WsDepth:
-                self._depth(out, ev, received_at)
-            elif kind is WsAggTrade:
-                out += self._events(ev, received_at)
             elif kind is WsMarkPrice:
                 out.append(self._funding(ev.s, ev.r, ev.T, ev.p, ev.i, ev.E, received_at))
             else:
@@ -179,8 +184,8 @@ class BinanceFeed(Feed):
             sync = self.books[instrument] = DepthSync()
         return sync
 
-    def _depth(self, out: list[Record], ev: WsDepth, received_at: int) -> None:
-        sync = self._sync(ev.s)
+    def _depth(self, out: list[Record], ev: DepthDiff, received_at: int) -> None:
+        sync = self.books.get(ev.s) or self._sync(ev.s)
         if not sync.live:
             sync.buffer.append(ev)
             if sync.snapshot_id is None:
@@ -201,12 +206,25 @@ class BinanceFeed(Feed):
             return
         self._apply(out, ev, sync, received_at)
 
-    def _apply(self, out, ev: WsDepth, sync: DepthSync, received_at: int) -> None:
-        sync.book.update(ev.b, ev.a)
+    def _apply(self, out, ev: DepthDiff, sync: DepthSync, received_at: int) -> bool:
+        """Apply a diff that continues the chain. A level the book refuses breaks the book: an `invalid` gap
+        over the diff's ids, and a resync (the diffs that follow are buffered for the new snapshot)."""
+        try:
+            sync.book.update(ev.b, ev.a, ev.plain)
+        except ValueError:
+            self.errors["invalid level"] += 1
+            symbol, market_type = self._names(ev.s)
+            out.append(self._gap(ev.s, symbol, market_type, "orderbook", "invalid", sync.last_time, ev.E,
+                                 received_at, sync.last_u + 1, ev.u))
+            sync.reset()
+            sync.buffer.clear()
+            self._want_snapshot(ev.s, sync)
+            return False
         sync.last_u = ev.u
         sync.last_time = ev.E
-        symbol, market_type = self._names(ev.s)
+        symbol, market_type = self._name_cache.get(ev.s) or self._names(ev.s)
         self._book_changed(out, ev.s, symbol, market_type, sync.book, ev.u, ev.E, received_at)
+        return True
 
     def _want_snapshot(self, instrument: str, sync: DepthSync) -> None:
         if not sync.requested:
@@ -241,8 +259,10 @@ class BinanceFeed(Feed):
                     self._want_snapshot(instrument, sync)
                     return
                 sync.live = True
+                sync.last_u = first - 1  # the ids the snapshot covers
                 sync.buffer.popleft()
-                self._apply(out, ev, sync, received_at)
+                if not self._apply(out, ev, sync, received_at):
+                    return
                 continue
             sync.buffer.popleft()
             self._depth(out, ev, received_at)

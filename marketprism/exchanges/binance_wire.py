@@ -31,9 +31,21 @@ class WsDepth(msgspec.Struct, tag_field="e", tag="depthUpdate", gc=False):
     s: str
     U: int
     u: int
+    b: msgspec.Raw  # the level arrays as sent: binance.depth_diff checks their bytes, then decodes them
+    a: msgspec.Raw
+    pu: int | None = None
+
+
+class DepthDiff(msgspec.Struct, gc=False):
+    """A WsDepth with its levels decoded; plain: every level string is known to be a plain decimal."""
+    s: str
+    E: int
+    U: int
+    u: int
+    pu: int | None
     b: list[tuple[str, str]]
     a: list[tuple[str, str]]
-    pu: int | None = None
+    plain: bool
 
 
 class WsMarkPrice(msgspec.Struct, tag_field="e", tag="markPriceUpdate", gc=False):
@@ -105,3 +117,7 @@ OPEN_INTEREST = msgspec.json.Decoder(OpenInterestBody)
 PREMIUM = msgspec.json.Decoder(PremiumIndex)
 RATIOS = msgspec.json.Decoder(list[RatioRow])
 ANY = msgspec.json.Decoder()
+LEVELS = msgspec.json.Decoder(list[tuple[str, str]])
+# The bytes of a level array made of these alone hold only plain decimal strings: no escape, no space, no
+# sign or exponent can be in it. One C-level scan of the raw array instead of a check per string.
+PLAIN_LEVEL_BYTES = b'0123456789.[]",'

@@ -271,12 +271,11 @@ class BybitFeed(Feed):
             raise Unparseable("no timestamp")
         st = self.books.get(d.s) or self.books.setdefault(d.s, SyncedBook())
         symbol, market_type = self._name(d.s)
-        changed = True
-        if frame.type == "snapshot":
-            # Level-1 books resend an unchanged snapshot (same u) every 3 s without a change: no new record.
-            changed = not (st.live and d.u == st.sequence)
-            st.book.load(d.b, d.a)
-            st.live, st.resubscribing = True, False
+        snapshot = frame.type == "snapshot"
+        # Level-1 books resend an unchanged snapshot (same u) every 3 s without a change: no new record.
+        changed = not (snapshot and st.live and d.u == st.sequence)
+        if snapshot:
+            pass
         elif frame.type != "delta":
             raise Unparseable("unknown book type")
         elif not st.live or d.u <= st.sequence:
@@ -287,8 +286,18 @@ class BybitFeed(Feed):
             st.reset()
             self._resubscribe(frame.topic, st)
             return
-        else:
-            st.book.update(d.b, d.a)
+        try:
+            (st.book.load if snapshot else st.book.update)(d.b, d.a)
+        except ValueError:  # a level the book refuses (not a plain decimal): it is broken until a new snapshot
+            self.errors["invalid level"] += 1
+            out.append(self._gap(d.s, symbol, market_type, "orderbook", "invalid", st.last_time or ts, ts,
+                                 received_at, None if snapshot else st.sequence + 1, d.u))
+            st.reset()
+            st.resubscribing = False  # a refused snapshot needs its own resubscription
+            self._resubscribe(frame.topic, st)
+            return
+        if snapshot:
+            st.live, st.resubscribing = True, False
         st.sequence, st.last_time = d.u, ts
         if changed:
             self._book_changed(out, d.s, symbol, market_type, st.book, d.u, ts, received_at)

@@ -324,9 +324,9 @@ class DeribitFeed(Feed):
         if chain is None:
             chain = self.books[inst] = SyncedBook()
         symbol, market_type = self._name(inst)
-        if d.type == "snapshot":
-            chain.book.load(levels(d.bids), levels(d.asks))
-            chain.live, chain.resubscribing = True, False
+        snapshot = d.type == "snapshot"
+        if snapshot:
+            pass
         elif d.type != "change":
             raise Unparseable("unknown book type")
         elif not chain.live or d.change_id <= chain.sequence:
@@ -338,8 +338,19 @@ class DeribitFeed(Feed):
             chain.reset()
             self._resubscribe(channel, chain)
             return
-        else:
-            chain.book.update(levels(d.bids), levels(d.asks))
+        bids, asks = levels(d.bids), levels(d.asks)
+        try:
+            (chain.book.load if snapshot else chain.book.update)(bids, asks)
+        except ValueError:  # a level the book refuses (not a plain decimal): it is broken until a new snapshot
+            self.errors["invalid level"] += 1
+            out.append(self._gap(inst, symbol, market_type, "orderbook", "invalid", chain.last_time or d.timestamp,
+                                 d.timestamp, received_at, None if snapshot else chain.sequence + 1, d.change_id))
+            chain.reset()
+            chain.resubscribing = False  # a refused snapshot needs its own resubscription
+            self._resubscribe(channel, chain)
+            return
+        if snapshot:
+            chain.live, chain.resubscribing = True, False
         chain.sequence = d.change_id
         chain.last_time = d.timestamp
         self._book_changed(out, inst, symbol, market_type, chain.book, d.change_id, d.timestamp, received_at)

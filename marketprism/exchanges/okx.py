@@ -325,8 +325,9 @@ class OkxFeed(Feed):
             return
         from_seq = None if snapshot else state.sequence + 1
         try:
-            (state.book.load if snapshot else state.book.update)(row.bids, row.asks)
-        except ValueError:  # a non-numeric level left the book half-updated
+            (state.book.load if snapshot else state.book.update)([(r[0], r[1]) for r in row.bids],
+                                                                 [(r[0], r[1]) for r in row.asks])
+        except ValueError:  # a level the book refuses (not a plain decimal): it is broken until a new snapshot
             self.errors["invalid level"] += 1
             self._break(out, inst, state, "invalid", from_seq, seq, ts, received_at)
             return
