@@ -164,6 +164,19 @@ def test_snapshot_request_and_envelope_source():
     assert [r.sequence for r in out] == [json.loads(d)["data"]["u"] for d in diffs[1:4]]
 
 
+def test_a_snapshot_with_a_refused_level_is_fetched_again_and_the_diffs_wait_for_it():
+    snap, diffs = book_case("NKNUSDT")
+    path = "/api/v3/depth?symbol=NKNUSDT&limit=1000"
+    feed = BinanceSpotFeed()
+    assert feed.on_message(diffs[0], "wss://x", 1) == [] and feed.take_requests() == [path]
+    bad = json.loads(snap[0])
+    bad["bids"][0][1] = "nan"
+    assert feed.on_message(json.dumps(bad), path, 2) == [] and feed.errors == {"invalid level": 1}
+    assert feed.take_requests() == [path]  # asked again, not left waiting for an answer that came
+    out = [r for d in diffs[1:4] for r in feed.on_message(d, "wss://x", 3)] + feed.on_message(snap[0], path, 4)
+    assert [r.sequence for r in out] == [json.loads(d)["data"]["u"] for d in diffs[1:4]]  # [0] predates it
+
+
 def test_bad_frames_are_counted_not_raised():
     feed = BinanceSpotFeed()
     bad = [b'{"stream":"btcusdt@trade","data":{"e":"trade","E":1', b"not json", b'{"e":"trade","E":"x"}',

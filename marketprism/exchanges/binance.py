@@ -233,7 +233,13 @@ class BinanceFeed(Feed):
 
     def _snapshot(self, instrument: str, snap: DepthSnapshot, received_at: int) -> list[Record]:
         sync = self._sync(instrument)
-        sync.book.load(snap.bids, snap.asks)
+        try:
+            sync.book.load(snap.bids, snap.asks)
+        except ValueError:  # a level the book refuses: another snapshot, and the diffs stay held for it
+            self.errors["invalid level"] += 1
+            sync.reset()
+            self._want_snapshot(instrument, sync)
+            return []
         sync.snapshot_id = snap.lastUpdateId
         sync.live = False
         sync.last_time = snap.E or snap.T or sync.last_time
