@@ -58,6 +58,43 @@ def test_bench_rejects_bad_flags():
     assert res.returncode == 2 and "unknown part 'warp'" in res.stderr and len(res.stderr.splitlines()) == 1
 
 
+def test_bench_compare_with_an_unreadable_result_fails_before_running(tmp_path: Path):
+    (tmp_path / "old.json").write_text("{}")
+    for path, says in ((tmp_path / "missing.json", "cannot read"), (tmp_path / "old.json", "not a bench result")):
+        res = subprocess.run([sys.executable, "-m", "marketprism", "bench", "--parts", "parse", "--compare", str(path)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and says in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+
+
+def _result(cf_rate: float, ratio: float, rps: float, cpu: float, p99: float, lost: int = 0) -> dict:
+    case = {"cryptofeed_msgs_per_s": cf_rate, "ratio": ratio}
+    return {"parse": {"binance_trade": case, "binance_depth": case},
+            "e2e": {"records_per_s": rps, "cpu_s_per_1k_records": cpu, "lost": lost, "duplicates": 0,
+                    "latency_ms": {"p50": 150.0, "p99": p99}},
+            "collector": {"rss_mb": 180.0}, "store_check": {"extra_rows": 0}}
+
+
+def test_bench_compare_scales_throughput_by_the_machine_speed():
+    from marketprism.bench.report import compare, speed_factor
+    base = _result(30_000, 2.0, 50_000, 0.034, 290)
+    # the machine at 80 % speed: 40k records/s at 0.0425 CPU-s per 1k is the same pipeline
+    slower = _result(24_000, 2.0, 40_000, 0.0425, 300)
+    assert abs(speed_factor(base, slower) - 0.8) < 1e-9
+    lines, regressed = compare(base, slower)
+    assert not regressed and "0.80x" in lines[0]
+    assert [line.split()[-1] for line in lines[2:]] == ["same"] * 7
+    # at the same speed, 40k and a depth ratio of 1.6 are regressions; latency is compared as measured
+    lines, regressed = compare(base, _result(30_000, 1.6, 40_000, 0.034, 400))
+    verdicts = {line[:36].strip(): line.split()[-1] for line in lines[2:]}
+    assert regressed and verdicts["parse binance_depth ratio"] == "REGRESSED"
+    assert verdicts["e2e records/s"] == verdicts["latency p99 ms at 10,000/s"] == "REGRESSED"
+    assert verdicts["e2e CPU-s per 1,000 records"] == "same"
+    lines, regressed = compare(base, _result(30_000, 2.0, 50_000, 0.034, 290, lost=3))
+    assert regressed and lines[-1] == "  e2e lost: 3  REGRESSED (must be 0)"
+    no_parse = {k: v for k, v in base.items() if k != "parse"}
+    assert speed_factor(no_parse, base) is None and "unknown" in compare(no_parse, base)[0][0]
+
+
 def test_parse_cases_feed_both_sides_the_same_frames():
     trades = parse.trade_frames(FIXTURES, 500)
     assert len(trades) == 500 and all(json.loads(f)["data"]["e"] == "aggTrade" for f in trades)

@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--workdir", default=None, metavar="DIR", help="data of the e2e runs (default: a temporary directory)")
     a("--profile", default=None, metavar="DIR",
       help="py-spy the collector and storage-hot during the e2e run; raw stacks go to DIR, top costs to the JSON")
+    a("--compare", default=None, metavar="PATH",
+      help="an earlier result (JSON) to compare with, scaled by the machine's speed; exit 1 on a regression")
+    a("--tolerance", type=num, default=0.15, metavar="F",
+      help="how much worse a figure may be before --compare calls it a regression (default %(default)s)")
 
 
 def _fixtures(arg: str | None) -> Path:
@@ -95,6 +99,7 @@ def _command_line() -> str:
 def main(args, settings) -> int:
     from marketprism.bench import report
     fixtures = _fixtures(args.fixtures)
+    base = _baseline(args.compare) if args.compare else None
     if args.profile:
         from marketprism.bench.profile import py_spy
         py_spy()  # missing: fail now, not after the probes
@@ -122,7 +127,23 @@ def main(args, settings) -> int:
     runs = [r for r in ((out["e2e"] or {}).get("run"), (out["e2e"] or {}).get("latency_run"),
                         (out["collector"] or {}).get("run"), *[s["run"] for s in out["scaling"]]) if r]
     broken = any(r.get("lost") or r.get("duplicates") for r in runs) or (out.get("store_check") or {}).get("extra_rows")
+    if base is not None:
+        lines, regressed = report.compare(base, out, args.tolerance)
+        print(f"\ncompared with {args.compare} ({base.get('started_at', 'no start time')}):")
+        print("\n".join(lines))
+        broken = broken or regressed
     return 1 if broken else 0
+
+
+def _baseline(path: str) -> dict:
+    """An earlier bench result, read before the run so that a wrong path fails at once."""
+    try:
+        base = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"bench --compare: cannot read {path}: {e}") from None
+    if not isinstance(base, dict) or "parse" not in base:
+        raise ValueError(f"bench --compare: {path} is not a bench result")
+    return base
 
 
 def _pipeline_parts(args, workdir: Path, recording: Path, out: dict) -> None:

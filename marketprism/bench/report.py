@@ -132,3 +132,69 @@ def table(out: dict) -> str:
         mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         lines.append(f"  {t['target']:<62} want {t['want']:<9} got {_fmt(t['value']):>10}  {mark}")
     return "\n".join(lines)
+
+
+# (label, path into the JSON, higher is better, scaled by the machine's speed)
+COMPARED = (
+    ("parse binance_trade ratio", ("parse", "binance_trade", "ratio"), True, False),
+    ("parse binance_depth ratio", ("parse", "binance_depth", "ratio"), True, False),
+    ("e2e records/s", ("e2e", "records_per_s"), True, True),
+    ("e2e CPU-s per 1,000 records", ("e2e", "cpu_s_per_1k_records"), False, True),
+    ("latency p50 ms at 10,000/s", ("e2e", "latency_ms", "p50"), False, False),
+    ("latency p99 ms at 10,000/s", ("e2e", "latency_ms", "p99"), False, False),
+    ("collector RSS MB with the books", ("collector", "rss_mb"), False, False),
+)
+
+
+def _get(out: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(out, dict):
+            return None
+        out = out.get(key)
+    return out
+
+
+def speed_factor(base: dict, new: dict) -> float | None:
+    """How fast the machine ran `new` relative to `base`: the geometric mean of cryptofeed's parse rates,
+    code that none of our changes touch (None without a parse part in both)."""
+    factors = []
+    for case in ("binance_trade", "binance_depth"):
+        b = _get(base, ("parse", case, "cryptofeed_msgs_per_s"))
+        n = _get(new, ("parse", case, "cryptofeed_msgs_per_s"))
+        if b and n:
+            factors.append(n / b)
+    if not factors:
+        return None
+    product = 1.0
+    for f in factors:
+        product *= f
+    return product ** (1 / len(factors))
+
+
+def compare(base: dict, new: dict, tolerance: float = 0.15) -> tuple[list[str], bool]:
+    """Lines comparing two bench results, and whether any figure got worse by more than `tolerance`.
+    Throughput and CPU per record are first scaled by the machine's speed (speed_factor): a run in a slower
+    hour of the same machine is not a regression. Latency and memory are compared as measured."""
+    factor = speed_factor(base, new)
+    lines = ["machine speed, new vs base (cryptofeed's parse rates): "
+             + (f"{factor:.2f}x" if factor else "unknown (no parse part in both): figures compared as measured"),
+             f"  {'figure':<34}{'base':>12}{'new':>12}{'new, same speed':>17}{'change':>9}"]
+    regressed = False
+    for label, path, higher_better, scaled in COMPARED:
+        b, n = _get(base, path), _get(new, path)
+        if b is None or n is None:
+            continue
+        same = n if not (scaled and factor) else (n / factor if higher_better else n * factor)
+        change = (same - b) / b if b else 0.0
+        worse = -change if higher_better else change
+        verdict = "REGRESSED" if worse > tolerance else "better" if worse < -tolerance else "same"
+        regressed |= verdict == "REGRESSED"
+        lines.append(f"  {label:<34}{_fmt(b):>12}{_fmt(n):>12}{_fmt(round(same, 4)):>17}{change:>+9.0%}  {verdict}")
+    for label, path in (("e2e lost", ("e2e", "lost")), ("e2e duplicates", ("e2e", "duplicates")),
+                        ("store extra rows", ("store_check", "extra_rows"))):
+        n = _get(new, path)
+        if n:
+            regressed = True
+            lines.append(f"  {label}: {n:,}  REGRESSED (must be 0)")
+    return lines, regressed
+
