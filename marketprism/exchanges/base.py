@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
-from marketprism.book import Book
+from marketprism.book import Book, SyncedBook
 from marketprism.records import (FundingRate, Gap, Liquidation, LsrAllAccount, LsrTopPosition, OpenInterest,
                                  OrderBook, Record, Trade, VolatilityIndex)
 
@@ -233,6 +233,21 @@ class Feed:
         bids, asks = book.top(self.depth)
         return OrderBook(exchange=self.exchange, market_type=market_type, symbol=symbol, instrument=instrument,
                          timestamp=timestamp, received_at=received_at, sequence=sequence, bids=bids, asks=asks)
+
+    def _break_book(self, out: list[Record], state: SyncedBook, key: str, instrument: str, symbol: str,
+                    market_type: str, reason: str, from_sequence: int | None, to_sequence: int | None, ts: int,
+                    received_at: int) -> None:
+        """A SyncedBook lost continuity (a sequence break, a refused level, a bad checksum): a gap from its
+        last data, silence until a new snapshot, and one resubscription for it (`key`: what the feed's
+        `_resubscribe` takes). A refused snapshot gets its resubscription too."""
+        out.append(self._gap(instrument, symbol, market_type, "orderbook", reason, state.last_time or ts, ts,
+                             received_at, from_sequence, to_sequence))
+        state.reset()
+        state.resubscribing = False
+        self._resubscribe(key, state)
+
+    def _resubscribe(self, key: str, state: SyncedBook) -> None:
+        raise NotImplementedError  # feeds that keep SyncedBooks: ask the venue for a new snapshot
 
     def _gap(self, instrument: str, symbol: str, market_type: str, stream_type: str, reason: str,
              started_at: int, ended_at: int, received_at: int, from_sequence: int | None = None,

@@ -274,27 +274,21 @@ class BybitFeed(Feed):
         snapshot = frame.type == "snapshot"
         # Level-1 books resend an unchanged snapshot (same u) every 3 s without a change: no new record.
         changed = not (snapshot and st.live and d.u == st.sequence)
-        if snapshot:
-            pass
-        elif frame.type != "delta":
-            raise Unparseable("unknown book type")
-        elif not st.live or d.u <= st.sequence:
-            return  # waiting for the snapshot after a break, or a delta already applied
-        elif d.u != st.sequence + 1:
-            out.append(self._gap(d.s, symbol, market_type, "orderbook", "sequence", st.last_time, ts, received_at,
-                                 st.sequence + 1, d.u - 1))
-            st.reset()
-            self._resubscribe(frame.topic, st)
-            return
+        if not snapshot:
+            if frame.type != "delta":
+                raise Unparseable("unknown book type")
+            if not st.live or d.u <= st.sequence:
+                return  # waiting for the snapshot after a break, or a delta already applied
+            if d.u != st.sequence + 1:
+                self._break_book(out, st, frame.topic, d.s, symbol, market_type, "sequence", st.sequence + 1,
+                                 d.u - 1, ts, received_at)
+                return
         try:
             (st.book.load if snapshot else st.book.update)(d.b, d.a)
         except ValueError:  # a level the book refuses (not a plain decimal): it is broken until a new snapshot
             self.errors["invalid level"] += 1
-            out.append(self._gap(d.s, symbol, market_type, "orderbook", "invalid", st.last_time or ts, ts,
-                                 received_at, None if snapshot else st.sequence + 1, d.u))
-            st.reset()
-            st.resubscribing = False  # a refused snapshot needs its own resubscription
-            self._resubscribe(frame.topic, st)
+            self._break_book(out, st, frame.topic, d.s, symbol, market_type, "invalid",
+                             None if snapshot else st.sequence + 1, d.u, ts, received_at)
             return
         if snapshot:
             st.live, st.resubscribing = True, False

@@ -325,29 +325,23 @@ class DeribitFeed(Feed):
             chain = self.books[inst] = SyncedBook()
         symbol, market_type = self._name(inst)
         snapshot = d.type == "snapshot"
-        if snapshot:
-            pass
-        elif d.type != "change":
-            raise Unparseable("unknown book type")
-        elif not chain.live or d.change_id <= chain.sequence:
-            return  # waiting for the snapshot after a break, or a change already applied
-        elif d.prev_change_id != chain.sequence:
-            lost_to = d.prev_change_id if d.prev_change_id and d.prev_change_id > chain.sequence else None
-            out.append(self._gap(inst, symbol, market_type, "orderbook", "sequence", chain.last_time, d.timestamp,
-                                 received_at, chain.sequence + 1, lost_to))
-            chain.reset()
-            self._resubscribe(channel, chain)
-            return
+        if not snapshot:
+            if d.type != "change":
+                raise Unparseable("unknown book type")
+            if not chain.live or d.change_id <= chain.sequence:
+                return  # waiting for the snapshot after a break, or a change already applied
+            if d.prev_change_id != chain.sequence:
+                lost_to = d.prev_change_id if d.prev_change_id and d.prev_change_id > chain.sequence else None
+                self._break_book(out, chain, channel, inst, symbol, market_type, "sequence", chain.sequence + 1,
+                                 lost_to, d.timestamp, received_at)
+                return
         bids, asks = levels(d.bids), levels(d.asks)
         try:
             (chain.book.load if snapshot else chain.book.update)(bids, asks)
         except ValueError:  # a level the book refuses (not a plain decimal): it is broken until a new snapshot
             self.errors["invalid level"] += 1
-            out.append(self._gap(inst, symbol, market_type, "orderbook", "invalid", chain.last_time or d.timestamp,
-                                 d.timestamp, received_at, None if snapshot else chain.sequence + 1, d.change_id))
-            chain.reset()
-            chain.resubscribing = False  # a refused snapshot needs its own resubscription
-            self._resubscribe(channel, chain)
+            self._break_book(out, chain, channel, inst, symbol, market_type, "invalid",
+                             None if snapshot else chain.sequence + 1, d.change_id, d.timestamp, received_at)
             return
         if snapshot:
             chain.live, chain.resubscribing = True, False

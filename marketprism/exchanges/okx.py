@@ -343,13 +343,8 @@ class OkxFeed(Feed):
 
     def _break(self, out, inst: str, state: SyncedBook, reason: str, from_seq: int | None, to_seq: int | None,
                ts: int, received_at: int) -> None:
-        """The book lost continuity: a gap, silence until a new snapshot, and a re-subscription for it."""
         symbol, market_type = names(inst)
-        out.append(self._gap(inst, symbol, market_type, "orderbook", reason, state.last_time or ts, ts, received_at,
-                             from_seq, to_seq))
-        state.live = False
-        state.book.clear()
-        self._resubscribe(inst, state)
+        self._break_book(out, state, inst, inst, symbol, market_type, reason, from_seq, to_seq, ts, received_at)
 
     def _resubscribe(self, inst: str, state: SyncedBook) -> None:
         if not state.resubscribing:  # once per break: OKX allows 480 (un)subscribe requests per hour
