@@ -146,6 +146,7 @@ def test_raw_publish_is_byte_for_byte_what_nats_py_sends():
     assert wire.reply_lines([b"$JS.ACK.S.c.1.2.3.4.5"], wire.nak(1.5)) == (
         b'PUB $JS.ACK.S.c.1.2.3.4.5 26\r\n-NAK {"delay": 1500000000}\r\n')
     assert wire.reply_lines([b"r"], wire.TERM) == b"PUB r 5\r\n+TERM\r\n"
+    assert wire.reply_lines([], wire.ACK) == b""  # nothing to answer: not a PUB to an empty subject
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -28,22 +28,24 @@ class FastParser(Parser):
 
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
-        buf.extend(data)
+        if buf:  # the partial message of the previous read goes first
+            buf.extend(data)
+            data = bytes(buf)
         handlers = self.handlers
         nc = self.nc
         start = 0
-        size = len(buf)
+        size = len(data)
         try:
             while start < size:
-                eol = buf.find(b"\r\n", start)
+                eol = data.find(b"\r\n", start)
                 if eol < 0:
                     if size - start > _MAX_LINE:
                         raise ProtocolError("nats: control line too long")
                     break
-                head = buf[start:start + 4]
-                if head == b"MSG " or head == b"HMSG":
-                    args = bytes(buf[start:eol]).split()
-                    if head == b"MSG ":  # MSG subject sid [reply] size
+                plain = data.startswith(b"MSG ", start)
+                if plain or data.startswith(b"HMSG", start):
+                    args = data[start:eol].split()
+                    if plain:  # MSG subject sid [reply] size
                         hdr_size, total = 0, int(args[-1])
                     else:  # HMSG subject sid [reply] hdr_size total_size
                         hdr_size, total = int(args[-2]), int(args[-1])
@@ -52,17 +54,16 @@ class FastParser(Parser):
                     if end + 2 > size:
                         break  # the rest arrives with the next read; this line is parsed again then
                     subject, sid = args[1], int(args[2])
-                    reply = args[3] if len(args) == (6 if head == b"HMSG" else 5) else b""
-                    payload = bytes(buf[body + hdr_size:end])
+                    reply = args[3] if len(args) == (5 if plain else 6) else b""
+                    payload = data[body + hdr_size:end]
                     start = end + 2
                     handler = handlers.get(sid)
                     if handler is not None:
                         handler(subject, reply, payload)
                     else:
-                        headers = bytes(buf[body:body + hdr_size]) if hdr_size else None
-                        await nc._process_msg(sid, subject, reply, payload, headers)
+                        await nc._process_msg(sid, subject, reply, payload, data[body:body + hdr_size] if hdr_size else None)
                     continue
-                line = bytes(buf[start:eol])
+                line = data[start:eol]
                 start = eol + 2
                 if line.startswith(b"PING"):
                     await nc._process_ping()
@@ -78,7 +79,8 @@ class FastParser(Parser):
                     raise ProtocolError("nats: unknown protocol")
         finally:
             if self.buf is buf:  # reset() on a reconnect replaces the buffer: nothing of it to keep then
-                del buf[:start]
+                del buf[:]
+                buf += memoryview(data)[start:]
 
 
 def install(nc: nats.NATS) -> None:
@@ -124,8 +126,12 @@ async def write_raw(nc: nats.NATS, data: bytes, wake: bool = True) -> None:
 
 
 def reply_lines(replies: list[bytes], body: bytes = b"") -> bytes:
-    """One PUB of `body` to each reply subject (a JetStream ack, nak or term of each message)."""
-    return b"".join([b"PUB %s %d\r\n%s\r\n" % (r, len(body), body) for r in replies])
+    """One PUB of `body` to each reply subject (a JetStream ack, nak or term of each message): one join
+    with the rest of each line as the separator, a third of the cost of a formatted line per reply."""
+    if not replies:
+        return b""
+    tail = b" %d\r\n%s\r\n" % (len(body), body)
+    return b"PUB " + (tail + b"PUB ").join(replies) + tail
 
 
 async def reply_all(nc: nats.NATS, replies: list[bytes], body: bytes = b"") -> None:
