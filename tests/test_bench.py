@@ -218,7 +218,7 @@ class FakePipe:
         self.rates.append(round(load.rate))
         kept = load.rate <= self.limit
         sent = load.rate * load.duration_s
-        return {"sent": sent, "source_s": load.duration_s, "drain_s": 0.5 if kept else 9.0, "duration_s": 12.0,
+        return {"rate_requested": load.rate, "sent": sent, "source_s": load.duration_s, "drain_s": 0.5 if kept else 9.0, "duration_s": 12.0,
                 "inserted": sent if kept else sent / 2, "cpu_cores": {}, "other_load_cores": 0.0}
 
 
@@ -237,6 +237,25 @@ def test_rate_probes_narrow_the_step(limit, expected_rates, found):
     rate, probes = bench._find_rate(pipe, args, lambda _: None)
     assert (pipe.rates, round(rate)) == (expected_rates, found)
     assert [p["kept_up"] for p in probes] == [r <= limit for r in expected_rates]
+
+
+@pytest.mark.parametrize("limit, expected_rates, kept_up", [
+    (50_000, [50_000], True),  # the found rate holds: one run
+    (46_000, [50_000, 45_000], True),  # a tenth lower per retry, the failed run kept in slower_attempts
+    (30_000, [50_000, 45_000, 40_500, 36_450], False),  # four attempts at most, the last one reported
+])
+def test_sustained_run_retries_a_tenth_lower(limit, expected_rates, kept_up):
+    from types import SimpleNamespace
+
+    from marketprism import bench
+    pipe = FakePipe(limit)
+    args = SimpleNamespace(duration=60.0, symbols=100, profile=None, rate=None)
+    run = bench._sustained_run(pipe, args, 50_000.0, [], lambda _: None)
+    assert pipe.rates == expected_rates and run["kept_up"] is kept_up
+    assert [round(a["rate_requested"]) for a in run["slower_attempts"]] == expected_rates[:len(expected_rates) - 1]
+    given = bench._sustained_run(FakePipe(30_000), SimpleNamespace(**{**vars(args), "rate": 50_000.0}), 50_000.0,
+                                 [], lambda _: None)
+    assert given["kept_up"] is False and given["slower_attempts"] == []  # --rate given: that rate only
 
 
 def test_book_refuses_levels_that_are_not_plain_decimals():

@@ -179,21 +179,25 @@ def _kept_up(r: dict, rate: float) -> bool:
     return r["drain_s"] <= 2.0 and r["sent"] >= 0.95 * rate * r["source_s"] and r["inserted"] >= r["sent"]
 
 
+SUSTAINED_ATTEMPTS = 4
+SUSTAINED_STEP = 0.9  # a tenth lower per retry: the figure moves in steps of 10 %, not 20 %
+
+
 def _sustained_run(pipe, args, rate: float, probes: list[dict], say) -> dict:
     """--duration at the rate; a found rate that does not hold for the whole duration (a short probe cannot
     see costs that grow with the run, like the stream's duplicate window filling) is retried lower."""
     from marketprism.bench.e2e import Load
     earlier = []
-    for attempt in range(3):
+    for attempt in range(SUSTAINED_ATTEMPTS):
         say(f"e2e: {rate:.0f} records/s for {args.duration:.0f} s ...")
         run = pipe.run(Load("e2e", args.symbols, rate, args.duration, warmup_s=min(5.0, args.duration / 4),
                             profile_dir=Path(args.profile) if args.profile else None))
         run["kept_up"] = _kept_up(run, rate)
-        if run["kept_up"] or args.rate is not None or attempt == 2:
+        if run["kept_up"] or args.rate is not None or attempt == SUSTAINED_ATTEMPTS - 1:
             break
         earlier.append({k: run[k] for k in ("rate_requested", "sent", "inserted", "source_s", "drain_s", "cpu_cores",
                                             "other_load_cores")})
-        rate *= 0.8
+        rate *= SUSTAINED_STEP
     run["probes"], run["slower_attempts"] = probes, earlier
     return run
 
