@@ -16,7 +16,7 @@ from marketprism.collector.ratelimit import SAFETY, Budgets, Limit, Venue, Windo
 from marketprism.collector.service import Link, Pacer, seconds
 from marketprism.exchanges import make_feed
 from marketprism.exchanges.base import InstrumentInfo
-from marketprism.records import Gap, OpenInterest, Trade
+from marketprism.records import Gap, OpenInterest, OrderBook, Trade
 from marketprism.replay import replay
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -186,10 +186,21 @@ def test_link_opens_one_gap_per_stream_from_the_last_data_to_the_resumed_data():
 
 def test_link_leaves_books_and_sequenced_trades_to_the_feed():
     link = Link(make_feed("binance_spot"))
-    link.saw([Trade(exchange="binance", market_type="spot", symbol="BTC-USDT", instrument="BTCUSDT", timestamp=1,
-                    received_at=1, trade_id="1", price="1", quantity="1", side="buy")], 1000)
+    names = dict(exchange="binance", market_type="spot", symbol="BTC-USDT", instrument="BTCUSDT", received_at=1)
+    link.saw([Trade(**names, timestamp=1, trade_id="1", price="1", quantity="1", side="buy"),
+              OrderBook(**names, timestamp=1, sequence=7, bids=[("1", "1")], asks=[("2", "1")]),
+              Gap(**names, timestamp=1, stream_type="orderbook", reason="sequence", started_at=1, ended_at=1)], 1000)
     link.lose("disconnect", 2000)
     assert link.close(3000) == []
+
+
+def test_feed_errors_count_their_changes():
+    errors = make_feed("okx").errors
+    assert errors.changes == 0
+    errors["invalid json"] += 1
+    errors["invalid json"] += 1
+    errors.update(["unexpected shape"])
+    assert (dict(errors), errors.changes) == ({"invalid json": 2, "unexpected shape": 1}, 3)
 
 
 # -- instrument metadata ------------------------------------------------------------------------------------

@@ -109,6 +109,25 @@ def test_registered_subscriptions_bypass_the_client():
     assert ("err", "'permissions violation for publish to \"x\"'") in rec.calls
 
 
+def test_a_large_message_is_parsed_once_when_all_of_it_arrived():
+    fast = wire.FastParser(Recorder())
+    got = []
+    fast.handlers[9] = lambda s, r, d: got.append(d)
+    payload = bytes(range(256)) * 4096  # 1 MiB, CR LF pairs inside
+    msg = _hmsg(b"orderbook.binance.spot.BTC-USDT", 9, b"NATS/1.0\r\nNats-Msg-Id: k\r\n\r\n", payload, JS_REPLY)
+    data = msg + _msg(b"_INBOX.ack.1", 9, b"{}")
+    chunks = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+    asyncio.run(fast.parse(chunks[0]))
+    assert got == [] and fast.wanted == len(msg)  # the control line told how much is needed
+    for chunk in chunks[1:-1]:
+        asyncio.run(fast.parse(chunk))
+        assert got == [] and len(fast.buf) < len(msg)
+    asyncio.run(fast.parse(chunks[-1]))
+    assert got == [payload, b"{}"] and fast.buf == bytearray() and fast.wanted == 0
+    fast.reset()  # a reconnect: nothing of the old buffer is waited for
+    assert fast.wanted == 0 and fast.buf == bytearray()
+
+
 def test_garbage_is_a_protocol_error():
     with pytest.raises(ProtocolError):
         asyncio.run(wire.FastParser(Recorder()).parse(b"HELLO\r\n"))

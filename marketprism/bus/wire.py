@@ -26,11 +26,18 @@ class FastParser(Parser):
         super().__init__(nc)
         self.handlers: dict[int, Handler] = {}
 
+    def reset(self) -> None:
+        super().reset()
+        self.wanted = 0  # bytes the partial message in buf needs before it is worth parsing again
+
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
         if buf:  # the partial message of the previous read goes first
             buf.extend(data)
+            if len(buf) < self.wanted:
+                return  # a large message still arriving: no copy of it per read
             data = bytes(buf)
+        self.wanted = 0
         handlers = self.handlers
         nc = self.nc
         start = 0
@@ -52,7 +59,8 @@ class FastParser(Parser):
                     body = eol + 2
                     end = body + total
                     if end + 2 > size:
-                        break  # the rest arrives with the next read; this line is parsed again then
+                        self.wanted = end + 2 - start
+                        break  # the rest arrives with later reads; this line is parsed again then
                     subject, sid = args[1], int(args[2])
                     reply = args[3] if len(args) == (5 if plain else 6) else b""
                     payload = data[body + hdr_size:end]

@@ -50,28 +50,32 @@ class Link:
 
     def __init__(self, feed: Feed) -> None:
         self.feed = feed
-        self.streams: dict[tuple[str, str, str, str], None] = {}  # (data_type, market_type, symbol, instrument)
+        # (record class, market_type, symbol, instrument) of every record seen: the class rather than its
+        # data type name, which is a slower attribute chain to read per record
+        self.streams: dict[tuple[type, str, str, str], None] = {}
         self.last_data_ms = 0
         self.last_data = 0.0  # monotonic, for the idle watchdog
-        self.lost: dict[tuple[str, str, str, str], tuple[int, str]] = {}  # stream -> (started_at, reason)
+        self.lost: dict[tuple[str, str, str, str], tuple[int, str]] = {}  # (data_type, ...) -> (started_at, reason)
 
     def saw(self, recs: list[records.Record], at_ms: int) -> list[records.Record]:
         """A data frame arrived; returns the gaps it closes (the first data after a lost connection)."""
         self.last_data_ms, self.last_data = at_ms, time.monotonic()
         streams = self.streams
         for rec in recs:
-            key = (rec.__struct_config__.tag, rec.market_type, rec.symbol, rec.instrument)
-            if key not in streams and key[0] != "orderbook" and key[0] != "gap":
+            key = (type(rec), rec.market_type, rec.symbol, rec.instrument)
+            if key not in streams:
                 streams[key] = None
         return self.close(at_ms) if self.lost else []
 
     def lose(self, reason: str, at_ms: int) -> None:
-        """The connection ended; a gap opens for each stream (kept open across failed reconnects)."""
+        """The connection ended; a gap opens for each stream (kept open across failed reconnects). Books
+        resync by their own rule (Feed.on_disconnect) and a gap has no continuity of its own."""
         started = self.last_data_ms or at_ms
         sequenced = self.feed.sequenced
-        for key in self.streams:
-            if key[0] not in sequenced:
-                self.lost.setdefault(key, (started, reason))
+        for cls, market_type, symbol, instrument in self.streams:
+            dt = cls.__struct_config__.tag
+            if dt not in sequenced and dt != "orderbook" and dt != "gap":
+                self.lost.setdefault((dt, market_type, symbol, instrument), (started, reason))
 
     def close(self, at_ms: int) -> list[records.Record]:
         gaps = [records.Gap(exchange=self.feed.exchange, market_type=mt, symbol=symbol, instrument=inst,
@@ -117,6 +121,7 @@ class Collector:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
         self._reported_errors: dict = {}  # feed -> total, (feed, reason) -> count, as counted in metrics
+        self._error_changes: dict[str, int] = {}  # feed -> its errors' change count when last reported
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=30, connect=self.settings.connect_timeout_s)
@@ -191,7 +196,9 @@ class Collector:
             if closed:
                 recs = recs + closed
         await self.emit(feed, recs)
-        self._count_errors(feed)
+        if feed.errors.changes != self._error_changes.get(feed.name):
+            self._error_changes[feed.name] = feed.errors.changes
+            self._count_errors(feed)
         for path in feed.take_requests():
             self._spawn(self._fetch_until_done(feed, path))
         return feed.take_outgoing()

@@ -127,6 +127,18 @@ def _decimals_ok(rec: Record) -> bool:
     return True
 
 
+class ErrorCounts(Counter):
+    """A feed's bad frames per reason. `changes` moves with every update, so that the collector can tell in
+    one comparison per frame whether there is anything new to report (summing the counts per frame cost it
+    a quarter of a microsecond once any error had ever been counted)."""
+
+    changes = 0
+
+    def __setitem__(self, key: str, value: int) -> None:
+        super().__setitem__(key, value)
+        self.changes += 1
+
+
 class Feed:
     """Base of one exchange feed (binance_spot, okx, ...). Subclasses implement `_handle`."""
 
@@ -144,7 +156,7 @@ class Feed:
     def __init__(self, depth: int = 400, book_interval_ms: int = 0) -> None:
         self.depth = depth
         self.book_interval_ms = book_interval_ms
-        self.errors: Counter[str] = Counter()
+        self.errors = ErrorCounts()
         self._requests: list[str] = []
         self._outgoing: list[str] = []
         self._dirty: dict[str, tuple] = {}  # instrument -> (symbol, market_type, book, sequence, ts, received_at)
