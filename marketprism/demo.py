@@ -91,7 +91,7 @@ async def demo(timeout_s: float, follow: bool = False, data_dir: str | None = No
             ok = await follow_rows(health_port, child, stop, started, ok)
     finally:
         if child is not None:
-            stop_run(child)
+            await stop_run(child)
         await simulator.stop()
         if data_dir is None:
             shutil.rmtree(data, ignore_errors=True)
@@ -112,16 +112,20 @@ def start_run(data: Path, sim_url: str, health_port: int) -> subprocess.Popen:
                                 stdout=log, stderr=log, start_new_session=True)
 
 
-def stop_run(child: subprocess.Popen) -> None:
-    """SIGTERM drains the run and stops its nats-server; a run that does not end is killed with its group."""
+async def stop_run(child: subprocess.Popen) -> None:
+    """SIGTERM drains the run and stops its nats-server; a run that does not end is killed with its group.
+    The wait must not block the event loop: the simulator runs on it, and a draining run still talks to it
+    (closing handshakes of its WebSockets, a REST request in flight), which would otherwise hang until their
+    own timeouts."""
     if child.poll() is None:
         child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(STOP_TIMEOUT_S)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while child.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if child.poll() is not None:
             return
-        except subprocess.TimeoutExpired:
-            print(f"demo: `marketprism run` pid {child.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it",
-                  file=sys.stderr)
+        print(f"demo: `marketprism run` pid {child.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it",
+              file=sys.stderr)
     try:
         os.killpg(child.pid, signal.SIGKILL)  # its own session: the group is the run and its nats-server
     except ProcessLookupError:

@@ -4,6 +4,7 @@ it keeps going until Ctrl-C and then stops as cleanly."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from marketprism import demo
 from marketprism.demo import EXPECTED
 
 EXCHANGES = ("binance", "okx", "deribit", "bybit")
@@ -94,3 +96,33 @@ def test_demo_follow_keeps_running_until_interrupted(tmp_path):
     run_pid, shown = started(err)
     assert shown == str(data_dir) and (data_dir / "clickhouse").is_dir()  # --data-dir is kept
     assert leftovers(str(data_dir), run_pid) == []
+
+
+def test_stopping_the_run_leaves_the_event_loop_serving():
+    """The simulator shares the demo's event loop, and a draining run still talks to it (WebSocket closing
+    handshakes, a REST request in flight): a blocking wait for the run froze the simulator, so the run
+    hung on it until its own timeouts, once past the 30 s the demo allows."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.3), sys.exit(0)))  # drains a moment\n"
+         "print('ready', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    assert child.stdout.readline() == b"ready\n"
+
+    async def stop_while_ticking() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+        ticker = asyncio.create_task(tick())
+        await demo.stop_run(child)
+        ticker.cancel()
+        return ticks
+
+    ticks = asyncio.run(stop_while_ticking())
+    child.stdout.close()
+    assert child.returncode == 0  # it drained and exited on SIGTERM, it was not killed
+    assert ticks > 1  # the loop went on while the run drained (a blocking wait lets it run at most once)
