@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -163,12 +164,7 @@ def speed_factor(base: dict, new: dict) -> float | None:
         n = _get(new, ("parse", case, "cryptofeed_msgs_per_s"))
         if b and n:
             factors.append(n / b)
-    if not factors:
-        return None
-    product = 1.0
-    for f in factors:
-        product *= f
-    return product ** (1 / len(factors))
+    return statistics.geometric_mean(factors) if factors else None
 
 
 def compare(base: dict, new: dict, tolerance: float = 0.15) -> tuple[list[str], bool]:

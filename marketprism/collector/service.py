@@ -120,7 +120,7 @@ class Collector:
         self.stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._reported_errors: dict = {}  # feed -> total, (feed, reason) -> count, as counted in metrics
+        self._reported_errors: dict[tuple[str, str], int] = {}  # (feed, reason) -> count, as in metrics
         self._error_changes: dict[str, int] = {}  # feed -> its errors' change count when last reported
 
     async def run(self) -> None:
@@ -204,16 +204,15 @@ class Collector:
         return feed.take_outgoing()
 
     def _count_errors(self, feed: Feed) -> None:
-        total = sum(feed.errors.values())
-        if total != self._reported_errors.get(feed.name, 0):
-            for reason, n in feed.errors.items():
-                # increments, not the feed's totals: the counter is process-wide, the feed is not
-                counted = self._reported_errors.get((feed.name, reason), 0)
-                if n > counted:
-                    metrics.PARSE_ERRORS.labels(feed=feed.name, reason=reason).inc(n - counted)
-                    self._reported_errors[(feed.name, reason)] = n
-            logger.warning("{}: {} unparseable frames so far ({})", feed.name, total, dict(feed.errors))
-            self._reported_errors[feed.name] = total
+        """The feed's error counts changed since the last call: report the increments and log the totals."""
+        for reason, n in feed.errors.items():
+            # increments, not the feed's totals: the counter is process-wide, the feed is not
+            counted = self._reported_errors.get((feed.name, reason), 0)
+            if n > counted:
+                metrics.PARSE_ERRORS.labels(feed=feed.name, reason=reason).inc(n - counted)
+                self._reported_errors[(feed.name, reason)] = n
+        logger.warning("{}: {} unparseable frames so far ({})", feed.name, sum(feed.errors.values()),
+                       dict(feed.errors))
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
